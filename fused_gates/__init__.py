@@ -1,0 +1,30 @@
+"""fused-gates: the gated policy-gradient loss of LLM RL (GRPO, SAPO and the soft gates of "A Systematic Study of
+Gate Functions in SAPO") from last hidden states and the lm_head, without materialising the logits."""
+
+from .api import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
+from .gates import (
+    Gate,
+    GateAdmissibilityError,
+    GateParameters,
+    available_gates,
+    check_admissible,
+    get_gate,
+    register_gate,
+    unregister_gate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Gate",
+    "GateAdmissibilityError",
+    "GateParameters",
+    "GatedPolicyLossOutput",
+    "available_gates",
+    "check_admissible",
+    "gated_policy_loss",
+    "get_gate",
+    "register_gate",
+    "token_logprobs",
+    "unregister_gate",
+]

@@ -1,0 +1,1 @@
+"""Integrations of fused-gates with training frameworks (installed as ``fused_gates.integrations``)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of fused-gates (installed as ``fused_gates.kernels``)."""
