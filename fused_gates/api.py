@@ -30,8 +30,8 @@ class GatedPolicyLossOutput:
     """Result of :func:`gated_policy_loss`.
 
     ``loss`` is differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; everything else is detached. Per-token
-    tensors are [B, T] float32 (float64 for float64 inputs) and hold 0 at masked positions. At sequence level ``ratio``, ``gate_value`` and
-    ``gate_grad`` repeat the row's value on each of its tokens.
+    tensors are [B, T] float32 (float64 for float64 inputs) and hold 0 at masked positions. At sequence level
+    ``ratio``, ``gate_value`` and ``gate_grad`` repeat the row's value on each of its tokens.
     """
 
     loss: Tensor

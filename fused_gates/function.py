@@ -71,7 +71,6 @@ class GatedPolicyLossFunction(torch.autograd.Function):
             ctx.has_entropy_grad = config.has_entropy_bonus
             ctx.save_for_backward(
                 hidden,
-                weight,
                 targets,
                 result.log_sum_exp,
                 result.entropy,
@@ -88,7 +87,7 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         if ctx.precomputed:
             grads = list(ctx.saved_tensors)
         else:
-            hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
+            hidden, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
             grads = list(
                 ctx.impl.recompute_gradients(
                     hidden,

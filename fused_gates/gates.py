@@ -74,7 +74,7 @@ class Gate:
 
     def evaluate(self, ratio: Tensor, advantages: Tensor, params: GateParameters) -> tuple[Tensor, Tensor]:
         """``(f(r), f'(r))`` per token, with the temperature chosen by the sign of the advantage."""
-        tau = torch.where(advantages > 0, params.tau_pos, params.tau_neg).to(ratio.dtype)
+        tau = torch.full_like(ratio, params.tau_neg).masked_fill_(advantages > 0, params.tau_pos)
         return self.value(ratio, tau), self.derivative(ratio, tau)
 
 
@@ -123,8 +123,9 @@ def _arctan_derivative(ratio: Tensor, tau: Tensor) -> Tensor:
 
 
 def _softsign_value(ratio: Tensor, tau: Tensor) -> Tensor:
-    # u / sqrt(1 + tau^2 u^2) = (x / hypot(1, x)) / tau, finite for any finite x
-    x = tau * (ratio - 1)
+    # u / sqrt(1 + tau^2 u^2) = (x / hypot(1, x)) / tau; |x| <= 1e18 (where the quotient is +-1 to float64
+    # precision) keeps tau (r - 1) from overflowing to inf / inf
+    x = (tau * (ratio - 1)).clamp(-1e18, 1e18)
     return 1 + x / torch.hypot(torch.ones_like(x), x) / tau
 
 
@@ -170,7 +171,7 @@ def check_admissible(name: str, value: GateFunction, derivative: GateFunction, t
     for tau_value in taus:
         tau = torch.full_like(r, float(tau_value))
 
-        def fail(prop: str, where: float, detail: str) -> GateAdmissibilityError:
+        def fail(prop: str, where: float, detail: str, tau_value: float = tau_value) -> GateAdmissibilityError:
             return GateAdmissibilityError(
                 f"gate {name!r} violates admissibility property {prop} at r={where:.6g}, tau={tau_value:g}: {detail}"
             )

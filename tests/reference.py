@@ -15,7 +15,8 @@ from torch import Tensor
 
 
 def reference_gate_value(name: str, ratio: Tensor, advantages: Tensor, opts: dict) -> Tensor:
-    tau = torch.where(advantages > 0, opts["tau_pos"], opts["tau_neg"]).to(ratio.dtype)
+    tau = torch.where(advantages > 0, torch.tensor(opts["tau_pos"], dtype=ratio.dtype),
+                      torch.tensor(opts["tau_neg"], dtype=ratio.dtype))
     u = ratio - 1
     if name == "sigmoid":  # eq. 3
         return torch.sigmoid(tau * u) * 4 / tau
@@ -70,7 +71,9 @@ def reference_loss(
     """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves)."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     batch, length, _ = hidden.shape
-    mask = torch.ones(batch, length, dtype=hidden.dtype) if completion_mask is None else completion_mask.to(hidden.dtype)
+    mask = torch.ones(batch, length, dtype=hidden.dtype)
+    if completion_mask is not None:
+        mask = completion_mask.to(hidden.dtype)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
@@ -104,7 +107,7 @@ def reference_loss(
 
         def value(r: Tensor) -> Tensor:
             if custom_value is not None:
-                tau = torch.where(a_b > 0, tau_pos, tau_neg).to(r.dtype)
+                tau = torch.where(a_b > 0, torch.tensor(tau_pos, dtype=r.dtype), torch.tensor(tau_neg, dtype=r.dtype))
                 return custom_value(r, tau)
             return reference_gate_value(gate, r, a_b, opts)
 
