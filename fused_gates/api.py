@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .objective import (
     aggregation_weights,
     entropy_weights,
 )
-from .torch_backend import DEFAULT_MEMORY_BUDGET_MB, HeadSpec, logprobs_and_entropy
+from .torch_backend import HeadSpec, default_memory_budget_mb, logprobs_and_entropy
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -92,11 +93,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _triton_available() -> bool:
-    try:
-        from .kernels import launcher  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Looked up, not imported: Triton decides at import whether its kernels run compiled or interpreted.
+    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass
@@ -252,7 +250,8 @@ def gated_policy_loss(
         use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's flag).
         group_size: completions per prompt (consecutive rows); makes ``eur`` the paper's exact per-group mean.
         backend: ``auto`` (Triton on CUDA when installed, else ``torch``), ``torch`` or ``triton``.
-        memory_budget_mb: bound on the backend's working buffers (default 128 MiB); sets the token chunk size.
+        memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU, 768 MiB on CUDA); sets
+            the token chunk size.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -298,7 +297,7 @@ def gated_policy_loss(
             raise _fail("group_size", f"must be a positive int, got {group_size!r}")
         if batch % group_size:
             raise _fail("group_size", f"{group_size} does not divide the batch size B={batch}")
-    budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else _check_positive_float(
+    budget = default_memory_budget_mb(device) if memory_budget_mb is None else _check_positive_float(
         "memory_budget_mb", memory_budget_mb
     )
     backend = _resolve_backend(backend, device)
@@ -458,7 +457,7 @@ def token_logprobs(
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss`."""
     head, _ = _prepare_head(hidden, weight, completion_ids, completion_mask, bias)
     temperature = _check_positive_float("temperature", temperature)
-    budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else _check_positive_float(
+    budget = default_memory_budget_mb(head.hidden.device) if memory_budget_mb is None else _check_positive_float(
         "memory_budget_mb", memory_budget_mb
     )
     backend = _resolve_backend(backend, head.hidden.device)

@@ -9,7 +9,7 @@ import torch
 
 from .api import gated_policy_loss, token_logprobs
 from .gates import available_gates
-from .torch_backend import DEFAULT_MEMORY_BUDGET_MB, plan_chunk_tokens
+from .torch_backend import CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"grad norms  hidden {hidden.grad.norm().item():.4e}  weight {weight.grad.norm().item():.4e}")
     valid = int(mask.sum())
     naive = 3 * tokens * vocab * 4  # logits, log-softmax and the logits' gradient, float32
-    chunk = plan_chunk_tokens(valid, vocab, DEFAULT_MEMORY_BUDGET_MB)
+    chunk = plan_chunk_tokens(valid, vocab, CPU_MEMORY_BUDGET_MB)
     ours = chunk * vocab * 4
     print(f"memory: materialised logits need ~{naive / 2**30:.2f} GiB (logits, log-softmax, gradient; float32); "
           f"this loss keeps one {chunk}-token chunk: {ours / 2**20:.0f} MiB ({naive / ours:.0f}x less)")

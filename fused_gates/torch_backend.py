@@ -6,15 +6,16 @@ budget). Per chunk:
 1. ``z = (h / T) W^T + b / T`` into the buffer (scaling the small ``h`` instead of the logits saves a pass);
 2. statistics in cache-sized vocabulary blocks: ``m = max z``, ``S = sum exp(z - m)``,
    ``Z = sum exp(z - m)(z - m)``, so ``lse = m + log S``, ``logp = z_y - lse`` and
-   ``H = lse - sum p z = log S - Z / S``;
+   ``H = lse - sum p z = log S - Z / S``; the buffer is left holding ``exp(z - m)``;
 3. when the gradient coefficients ``g`` (d loss / d logp) and ``e`` (d loss / d H) of the chunk's tokens are
    known from the chunk alone (token-level ratios, or sequence-level ratios with whole rows in the chunk), the
-   same buffer becomes ``dz = g (onehot - p) - e p (z - sum p z)`` in place, and ``dh = dz W / T``,
-   ``dW += dz^T h / T``, ``db += sum dz / T`` are accumulated in float32: three matrix products in all, the
-   floor of any forward + backward.
+   logits gradient ``dz = g (onehot - p) - e p (z - sum p z)`` is used at once: ``dh = dz W / T``,
+   ``dW += dz^T h / T``, ``db += sum dz / T``, accumulated in float32. Without an entropy term
+   ``dz = diag(-g / S) exp(z - m) + g onehot``, so the products take the buffer as it is and the row scale is
+   applied to the small operands. Three matrix products in all: the floor of any forward + backward.
 
 Otherwise (rows longer than a chunk at sequence level) the forward keeps ``lse`` and ``H`` and the backward
-recomputes the logits (a fourth product). Without gradients only step 1-2 run (one product).
+recomputes the logits (a fourth product). Without gradients only steps 1-2 run (one product).
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from torch import Tensor
 
 from .objective import ObjectiveConfig, TokenData, TokenTerms, evaluate_objective
 
-DEFAULT_MEMORY_BUDGET_MB = 128.0
+CPU_MEMORY_BUDGET_MB = 128.0
+"""Working buffers on CPU: 128 MiB keeps the loss within 1.10x of the three-product floor at Qwen2.5-0.5B's head
+on 2 cores with about 4% of the materialised-logits version's extra memory (benchmarks/results/)."""
+GPU_MEMORY_BUDGET_MB = 768.0
+"""On GPU each chunk also round-trips the float32 dW accumulator, so larger chunks pay off; 768 MiB keeps the
+loss's working memory under 1 GiB."""
+
+
+def default_memory_budget_mb(device: torch.device) -> float:
+    return GPU_MEMORY_BUDGET_MB if device.type == "cuda" else CPU_MEMORY_BUDGET_MB
 VOCAB_BLOCK = 2048
 """Columns per elementwise step: a ``chunk x 2048`` float32 block stays in cache across its few passes."""
 
@@ -114,6 +124,7 @@ class _ChunkWorkspace:
 @dataclass
 class _ChunkStatistics:
     max_logit: Tensor
+    sum_exp: Tensor  # S = sum_v exp(z_v - max)
     log_sum_exp: Tensor
     logprobs: Tensor
     entropy: Tensor
@@ -129,8 +140,11 @@ def _chunk_logits(ws: _ChunkWorkspace, hidden: Tensor, head: HeadSpec) -> tuple[
     return logits, scaled_hidden
 
 
-def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace) -> _ChunkStatistics:
+def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep_exp: bool) -> _ChunkStatistics:
+    """Per-row statistics of the logits; with ``keep_exp`` the buffer is left holding ``exp(z - max)``, from which
+    the gradient needs only a per-row scale (see :class:`_GradientAccumulator`)."""
     n, vocab = logits.shape
+    target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     max_logit = logits.amax(dim=1)
     max_col = max_logit.unsqueeze(1)
     sum_exp = logits.new_zeros(n)
@@ -139,15 +153,15 @@ def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace) -> _
         block = logits[:, start : start + VOCAB_BLOCK]
         width = block.shape[1]
         shifted = torch.sub(block, max_col, out=ws.block_a[:n, :width])
-        weights = torch.exp(shifted, out=ws.block_b[:n, :width])
+        weights = torch.exp(shifted, out=block if keep_exp else ws.block_b[:n, :width])
         sum_exp += weights.sum(dim=1)
-        sum_exp_shifted += weights.mul_(shifted).sum(dim=1)
+        sum_exp_shifted += shifted.mul_(weights).sum(dim=1)
     log_sum = torch.log(sum_exp)
-    target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     log_sum_exp = max_logit + log_sum
     mean_shifted = sum_exp_shifted / sum_exp
     return _ChunkStatistics(
         max_logit=max_logit,
+        sum_exp=sum_exp,
         log_sum_exp=log_sum_exp,
         logprobs=target_logit - log_sum_exp,
         entropy=log_sum - mean_shifted,
@@ -155,36 +169,39 @@ def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace) -> _
     )
 
 
-def _logits_to_grad_inplace(
-    logits: Tensor,
-    targets: Tensor,
-    log_sum_exp: Tensor,
-    mean_logit: Tensor,
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor | None,
+def _probabilities_inplace(logits: Tensor, log_sum_exp: Tensor) -> Tensor:
+    lse_col = log_sum_exp.unsqueeze(1)
+    for start in range(0, logits.shape[1], VOCAB_BLOCK):
+        logits[:, start : start + VOCAB_BLOCK].sub_(lse_col).exp_()
+    return logits
+
+
+def _entropy_grad_inplace(
+    logits: Tensor, log_sum_exp: Tensor, mean_logit: Tensor, grad_logprobs: Tensor, grad_entropy: Tensor,
     ws: _ChunkWorkspace,
 ) -> Tensor:
-    """``dz = g (onehot - p) - e p (z - mean_p z)`` written over the logits."""
+    """``p (-g - e (z - mean_p z))`` written over the logits: ``dz`` without its one-hot part ``g 1[v = y]``."""
     n, vocab = logits.shape
     lse_col = log_sum_exp.unsqueeze(1)
-    if grad_entropy is None:
-        neg_g = (-grad_logprobs).unsqueeze(1)
-        for start in range(0, vocab, VOCAB_BLOCK):
-            logits[:, start : start + VOCAB_BLOCK].sub_(lse_col).exp_().mul_(neg_g)
-    else:
-        # p * (-g - e (z - mean)) = p * (z * (-e) + (e mean - g))
-        neg_e = (-grad_entropy).unsqueeze(1)
-        offset = (grad_entropy * mean_logit - grad_logprobs).unsqueeze(1)
-        for start in range(0, vocab, VOCAB_BLOCK):
-            block = logits[:, start : start + VOCAB_BLOCK]
-            coefficient = torch.mul(block, neg_e, out=ws.block_a[:n, : block.shape[1]]).add_(offset)
-            block.sub_(lse_col).exp_().mul_(coefficient)
-    rows = torch.arange(n, device=logits.device)
-    logits.index_put_((rows, targets), grad_logprobs, accumulate=True)
+    # p * (-g - e (z - mean)) = p * (z * (-e) + (e mean - g))
+    neg_e = (-grad_entropy).unsqueeze(1)
+    offset = (grad_entropy * mean_logit - grad_logprobs).unsqueeze(1)
+    for start in range(0, vocab, VOCAB_BLOCK):
+        block = logits[:, start : start + VOCAB_BLOCK]
+        coefficient = torch.mul(block, neg_e, out=ws.block_a[:n, : block.shape[1]]).add_(offset)
+        block.sub_(lse_col).exp_().mul_(coefficient)
     return logits
 
 
 class _GradientAccumulator:
+    """Accumulates ``dh = dz W / T``, ``dW += dz^T h / T`` and ``db += sum dz / T`` for a chunk whose logits gradient
+    is given factored as ``dz = diag(row_scale) M + g onehot(y)``.
+
+    Without an entropy term ``M = exp(z - max)`` (left by the statistics pass) and ``row_scale = -g / S``, so the
+    products run on ``M`` directly and the scales apply to the small ``[n, H]`` operands: no pass over the
+    ``n x V`` buffer is needed to form ``dz``. The one-hot part costs a gather / scatter of ``n`` rows of W.
+    """
+
     def __init__(self, num_tokens: int, hidden_size: int, head: HeadSpec, needs: GradientNeeds, device):
         self.head = head
         self.needs = needs
@@ -193,19 +210,39 @@ class _GradientAccumulator:
         self.weight = torch.zeros(head.weight.shape, device=device, dtype=acc) if needs.weight else None
         self.bias = torch.zeros(head.vocab, device=device, dtype=acc) if needs.bias else None
 
-    def add(self, rows: slice, dz: Tensor, scaled_hidden: Tensor, ws: _ChunkWorkspace) -> None:
-        weight = self.head.weight
-        operand = dz
-        if weight.dtype != dz.dtype and ws.low_precision is not None:
-            operand = ws.low_precision[: dz.shape[0]].copy_(dz)
+    def add(
+        self,
+        rows: slice,
+        matrix: Tensor,
+        row_scale: Tensor | None,
+        target_grad: Tensor,
+        targets: Tensor,
+        scaled_hidden: Tensor,
+        ws: _ChunkWorkspace,
+    ) -> None:
+        weight, inv_t = self.head.weight, self.head.inv_temperature
+        acc = matrix.dtype
+        operand = matrix
+        if weight.dtype != acc and ws.low_precision is not None:
+            operand = ws.low_precision[: matrix.shape[0]].copy_(matrix)
+        target_col = target_grad.unsqueeze(1)
         if self.hidden is not None:
-            _mm_into_fp32(self.hidden[rows], operand, weight)
-            if self.head.inv_temperature != 1.0:
-                self.hidden[rows].mul_(self.head.inv_temperature)
+            dh = _mm_into_fp32(self.hidden[rows], operand, weight)
+            if row_scale is not None:
+                dh.mul_(row_scale.unsqueeze(1))
+            dh.add_(weight.index_select(0, targets).to(acc) * target_col)
+            if inv_t != 1.0:
+                dh.mul_(inv_t)
         if self.weight is not None:
-            _addmm_fp32(self.weight, operand.t(), scaled_hidden)
+            rhs = scaled_hidden
+            if row_scale is not None:
+                rhs = scaled_hidden * row_scale.unsqueeze(1).to(scaled_hidden.dtype)
+            _addmm_fp32(self.weight, operand.t(), rhs)
+            self.weight.index_add_(0, targets, scaled_hidden.to(acc) * target_col)
         if self.bias is not None:
-            self.bias.add_(dz.sum(dim=0), alpha=self.head.inv_temperature)
+            scale = row_scale if row_scale is not None else matrix.new_ones(matrix.shape[0])
+            self.bias.add_(matrix.t().mv(scale), alpha=inv_t)
+            self.bias.index_add_(0, targets, target_grad * inv_t)
 
 
 def _workspace_for(num_tokens: int, head: HeadSpec, device, with_low_precision: bool) -> tuple[int, _ChunkWorkspace]:
@@ -226,7 +263,7 @@ def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tup
     for start in range(0, num_tokens, rows):
         chunk = slice(start, min(start + rows, num_tokens))
         logits, _ = _chunk_logits(ws, hidden[chunk], head)
-        stats = _chunk_statistics(logits, targets[chunk], ws)
+        stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=False)
         out[0][chunk], out[1][chunk], out[2][chunk] = stats.logprobs, stats.entropy, stats.log_sum_exp
     return out[0], out[1], out[2]
 
@@ -291,20 +328,17 @@ def loss_forward(
     with torch.no_grad():
         for chunk in chunks:
             logits, scaled_hidden = _chunk_logits(ws, hidden[chunk], head)
-            stats = _chunk_statistics(logits, targets[chunk], ws)
+            stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=not config.has_entropy_bonus)
             logprobs[chunk], entropy[chunk] = stats.logprobs, stats.entropy
             terms = objective(stats.logprobs, stats.entropy, tokens.select(chunk), config)
             all_terms.append(terms)
-            dz = _logits_to_grad_inplace(
-                logits,
-                targets[chunk],
-                stats.log_sum_exp,
-                stats.mean_logit,
-                terms.grad_logprobs,
-                terms.grad_entropy if config.has_entropy_bonus else None,
-                ws,
-            )
-            grads.add(chunk, dz, scaled_hidden, ws)
+            g = terms.grad_logprobs
+            if config.has_entropy_bonus:
+                matrix = _entropy_grad_inplace(logits, stats.log_sum_exp, stats.mean_logit, g, terms.grad_entropy, ws)
+                row_scale = None
+            else:
+                matrix, row_scale = logits, -g / stats.sum_exp  # logits now hold exp(z - max)
+            grads.add(chunk, matrix, row_scale, g, targets[chunk], scaled_hidden, ws)
     return LossForward(logprobs, entropy, all_terms, (grads.hidden, grads.weight, grads.bias))
 
 
@@ -328,15 +362,12 @@ def recompute_gradients(
     for start in range(0, num_tokens, rows):
         chunk = slice(start, min(start + rows, num_tokens))
         logits, scaled_hidden = _chunk_logits(ws, hidden[chunk], head)
-        mean_logit = log_sum_exp[chunk] - entropy[chunk]
-        dz = _logits_to_grad_inplace(
-            logits,
-            targets[chunk],
-            log_sum_exp[chunk],
-            mean_logit,
-            grad_logprobs[chunk],
-            None if grad_entropy is None else grad_entropy[chunk],
-            ws,
-        )
-        grads.add(chunk, dz, scaled_hidden, ws)
+        g = grad_logprobs[chunk]
+        if grad_entropy is None:
+            matrix, row_scale = _probabilities_inplace(logits, log_sum_exp[chunk]), -g
+        else:
+            mean_logit = log_sum_exp[chunk] - entropy[chunk]
+            matrix = _entropy_grad_inplace(logits, log_sum_exp[chunk], mean_logit, g, grad_entropy[chunk], ws)
+            row_scale = None
+        grads.add(chunk, matrix, row_scale, g, targets[chunk], scaled_hidden, ws)
     return grads.hidden, grads.weight, grads.bias
