@@ -80,7 +80,7 @@ def plan_chunk_tokens(num_tokens: int, vocab: int, memory_budget_mb: float, extr
     return max(1, min(num_tokens, budget // per_token))
 
 
-def _mm_into_fp32(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def mm_into_fp32(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``out = a @ b`` for a float32 (or float64) ``out`` without rounding the product to a low-precision dtype."""
     if a.dtype == out.dtype and b.dtype == out.dtype:
         return torch.mm(a, b, out=out)
@@ -92,7 +92,7 @@ def _mm_into_fp32(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+def addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` accumulated in float32 (rounding each chunk's product to bf16 biases the sum)."""
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
@@ -134,7 +134,7 @@ class _ChunkStatistics:
 def _chunk_logits(ws: _ChunkWorkspace, hidden: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor]:
     n = hidden.shape[0]
     scaled_hidden = hidden * head.inv_temperature if head.inv_temperature != 1.0 else hidden
-    logits = _mm_into_fp32(ws.logits[:n], scaled_hidden, head.weight.t())
+    logits = mm_into_fp32(ws.logits[:n], scaled_hidden, head.weight.t())
     if ws.scaled_bias is not None:
         logits.add_(ws.scaled_bias)
     return logits, scaled_hidden
@@ -227,7 +227,7 @@ class _GradientAccumulator:
             operand = ws.low_precision[: matrix.shape[0]].copy_(matrix)
         target_col = target_grad.unsqueeze(1)
         if self.hidden is not None:
-            dh = _mm_into_fp32(self.hidden[rows], operand, weight)
+            dh = mm_into_fp32(self.hidden[rows], operand, weight)
             if row_scale is not None:
                 dh.mul_(row_scale.unsqueeze(1))
             dh.add_(weight.index_select(0, targets).to(acc) * target_col)
@@ -237,7 +237,7 @@ class _GradientAccumulator:
             rhs = scaled_hidden
             if row_scale is not None:
                 rhs = scaled_hidden * row_scale.unsqueeze(1).to(scaled_hidden.dtype)
-            _addmm_fp32(self.weight, operand.t(), rhs)
+            addmm_fp32(self.weight, operand.t(), rhs)
             self.weight.index_add_(0, targets, scaled_hidden.to(acc) * target_col)
         if self.bias is not None:
             scale = row_scale if row_scale is not None else matrix.new_ones(matrix.shape[0])
@@ -281,7 +281,7 @@ class LossForward:
     grad_entropy: Tensor | None = None
 
 
-def _row_aligned_chunks(tokens: TokenData, rows: int, sequence_level: bool) -> list[slice] | None:
+def row_aligned_chunks(tokens: TokenData, rows: int, sequence_level: bool) -> list[slice] | None:
     """Chunk boundaries of at most ``rows`` tokens; at sequence level they must fall between rows of the batch
     (``None`` when one row alone exceeds a chunk)."""
     num_tokens = tokens.advantages.shape[0]
@@ -313,7 +313,7 @@ def loss_forward(
     """Statistics, objective and (when the chunks allow it) the gradients in one pass over the vocabulary."""
     num_tokens = hidden.shape[0]
     rows, ws = _workspace_for(max(num_tokens, 1), head, hidden.device, with_low_precision=needs.any)
-    chunks = _row_aligned_chunks(tokens, rows, config.sequence_level) if num_tokens else []
+    chunks = row_aligned_chunks(tokens, rows, config.sequence_level) if num_tokens else []
     logprobs = hidden.new_empty(num_tokens, dtype=head.accumulate_dtype)
     entropy = hidden.new_empty(num_tokens, dtype=head.accumulate_dtype)
 

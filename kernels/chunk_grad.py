@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..objective import MAX_LOG_RATIO, ObjectiveConfig, TokenData, TokenTerms, evaluate_objective
-from ..torch_backend import GradientNeeds, HeadSpec, _addmm_fp32, _mm_into_fp32, _row_aligned_chunks, plan_chunk_tokens
+from ..torch_backend import GradientNeeds, HeadSpec, addmm_fp32, mm_into_fp32, row_aligned_chunks, plan_chunk_tokens
 from .gates import gate_value_and_derivative, kernel_gate
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -347,7 +347,7 @@ class _Workspace:
         self.dz = torch.empty(rows, head.vocab, device=device, dtype=head.weight.dtype) if with_grad and low else None
 
     def product(self, hidden: Tensor, weight: Tensor) -> Tensor:
-        return _mm_into_fp32(self.logits[: hidden.shape[0]], hidden, weight.t())
+        return mm_into_fp32(self.logits[: hidden.shape[0]], hidden, weight.t())
 
     def grad_buffer(self, rows: int) -> Tensor:
         """Where the row kernel writes dz: over the logits, or straight into the low-precision operand unless the
@@ -382,11 +382,11 @@ class _Gradients:
             return
         operand = ws.operand(dz, self.head.weight.dtype)
         if self.hidden is not None:
-            out = _mm_into_fp32(self.hidden[rows], operand, self.head.weight)
+            out = mm_into_fp32(self.hidden[rows], operand, self.head.weight)
             if self.head.inv_temperature != 1.0:
                 out.mul_(self.head.inv_temperature)
         if self.weight is not None:
-            _addmm_fp32(self.weight, operand.t(), hidden)
+            addmm_fp32(self.weight, operand.t(), hidden)
 
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if self.weight is not None and self.head.inv_temperature != 1.0:
@@ -561,7 +561,7 @@ def fused_loss_chunks(
     exceeds a chunk (the caller then recomputes in backward)."""
     num_tokens = hidden.shape[0]
     rows, ws = _plan(num_tokens, head, hidden.device, needs)
-    chunks = _row_aligned_chunks(tokens, rows, config.sequence_level)
+    chunks = row_aligned_chunks(tokens, rows, config.sequence_level)
     if chunks is None:
         return None
     logprobs = torch.empty(num_tokens, device=hidden.device, dtype=torch.float32)
