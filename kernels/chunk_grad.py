@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..objective import MAX_LOG_RATIO, ObjectiveConfig, TokenData, TokenTerms, evaluate_objective
-from ..torch_backend import GradientNeeds, HeadSpec, addmm_fp32, mm_into_fp32, row_aligned_chunks, plan_chunk_tokens
+from ..torch_backend import GradientNeeds, HeadSpec, addmm_fp32, mm_into_fp32, plan_chunk_tokens, row_aligned_chunks
 from .gates import gate_value_and_derivative, kernel_gate
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
