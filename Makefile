@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,trl,bench,dev]"
+	$(PY) -m pip install -q -e ".[test,trl,bench,dev,deepspeed]"
 	touch $@
 
 .PHONY: demo test lint bench
