@@ -101,7 +101,9 @@ class GatedPolicyLossFunction(torch.autograd.Function):
                 )
             )
         # The forward formed d(loss) for a unit upstream gradient; scale by the actual one (a 0-dim tensor).
-        scale_is_one = grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
+        scale_is_one = (
+            grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
+        )
         out: list[Tensor | None] = []
         for grad, needed, dtype in zip(grads, (needs.hidden, needs.weight, needs.bias), ctx.dtypes, strict=True):
             if not needed or grad is None:
