@@ -1,6 +1,7 @@
 # Two entry points, each creating .venv and installing what it needs:
-#   make demo   the loss on Qwen2.5-0.5B's lm_head shape (H=896, V=151,936) on CPU
+#   make train  the training script's embedded default: GRPO with the erf gate on a tiny local model, offline, CPU
 #   make test   the test suite (Triton kernels run in Triton's interpreter when there is no GPU)
+# and: make head-demo (the loss alone at Qwen2.5-0.5B's lm_head shape), make lint, make bench
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU build of torch on machines without a GPU; set TORCH_SPEC=torch to take your platform's default build.
@@ -14,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,trl,bench,dev,deepspeed]"
 	touch $@
 
-.PHONY: demo test lint bench
-demo: $(VENV)/.installed
+.PHONY: train head-demo test lint bench
+train: $(VENV)/.installed
+	$(PY) -m fused_gates.integrations.train_grpo
+
+head-demo: $(VENV)/.installed
 	$(PY) -m fused_gates.cli demo
 
 test: $(VENV)/.installed

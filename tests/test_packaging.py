@@ -29,6 +29,7 @@ def test_wheel_holds_only_the_fused_gates_package(wheel):
     assert top == {"fused_gates"}
     assert "fused_gates/kernels/__init__.py" in names
     assert "fused_gates/integrations/__init__.py" in names
+    assert "fused_gates/integrations/accelerate/zero3.yaml" in names  # accelerate configs ship with the wheel
 
 
 def test_installed_wheel_imports_subpackages_and_no_top_level_kernels(wheel, tmp_path):
