@@ -30,3 +30,8 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks --benchmark-only
+
+# Pure-Python wheels of the peers for a GPU machine without them (benchmarks/gpu_check.sh installs .whl/*.whl)
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d .whl "trl==1.16.0" "liger-kernel==0.8.5"

@@ -1,27 +1,24 @@
-"""Forward + backward timing of the fused gated policy loss at the Qwen2.5-7B head size, against its floor and peers.
+"""Timing of the fused gated policy loss at the Qwen2.5-7B head size, against its floor and peers, in one process.
 
     python benchmarks/gpu_bench.py OUT_DIR            # CUDA, N = 8192, H = 3584, V = 152,064, bfloat16
     python benchmarks/gpu_bench.py OUT_DIR --smoke    # tiny sizes, runs on CPU (Triton in its interpreter)
 
-Timed (CUDA events, warm-up, median of repeats), each after checking its loss against the torch backend's:
-
-* ``triton`` / ``torch``: this package's backends, gate sigmoid (SAPO), at the default memory budget and a large one;
-* ``3-GEMM floor``: ``h W^T``, ``dz W`` and ``dz^T h`` as three bfloat16 ``torch.mm`` (no softmax at all);
-* ``naive``: materialised bfloat16 logits, float32 log-softmax, autograd;
-* ``trl``: ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` log-probs + the SAPO formula in torch;
-* ``liger``: ``LigerFusedLinearGRPOLoss(loss_type="sapo")``;
-* no-grad forward (``token_logprobs``) against one GEMM ``h W^T``.
+The implementations are those of ``head_impls.py`` (the pytest benchmarks use the same ones), here with this
+package's two backends at the default memory budget and a large one. Timed with CUDA events (warm-up, median of
+repeats), each after checking its loss (forward + backward) or log-probs (no-grad forward) against the float32
+reference of ``head_impls.reference_logprobs``.
 
 FLOP counts: one product ``h W^T`` is ``2 N H V``; forward + backward needs three (TFLOP/s below use ``6 N H V``),
-a forward alone one. Peak memory is ``torch.cuda.max_memory_allocated`` minus what was allocated before the call
-(inputs and their gradients' buffers from earlier runs freed).
+a forward alone one. Peak memory is ``torch.cuda.max_memory_allocated`` minus what was allocated before the call,
+minus the gradient buffers of hidden and weight for forward + backward.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
+import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -29,219 +26,73 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SAPO = dict(gate="sigmoid", tau_pos=1.0, tau_neg=1.05, loss_type="grpo")
-
-
-@dataclass
-class Problem:
-    hidden: torch.Tensor  # [B, T, H]
-    weight: torch.Tensor  # [V, H]
-    ids: torch.Tensor
-    advantages: torch.Tensor
-    mask: torch.Tensor
-    old: torch.Tensor
-
-    @property
-    def tokens(self) -> int:
-        return self.ids.numel()
-
-    @property
-    def flops_per_product(self) -> float:
-        return 2.0 * self.tokens * self.hidden.shape[-1] * self.weight.shape[0]
+sys.path.insert(0, str(Path(__file__).parent))
+import head_impls as impls
 
 
 @dataclass
 class Row:
     name: str
+    mode: str
     ms: float | None
     peak_extra_gib: float | None
-    loss: float | None = None
     note: str = ""
     flops: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
-def make_problem(batch: int, length: int, hidden_size: int, vocab: int, dtype, device) -> Problem:
-    g = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(batch, length, hidden_size, device=device, generator=g).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, device=device, generator=g) * (2.0 / hidden_size**0.5)).to(dtype)
-    ids = torch.randint(0, vocab, (batch, length), device=device, generator=g)
-    advantages = torch.randn(batch, device=device, generator=g)
-    mask = torch.ones(batch, length, device=device)
-    mask[0, length // 2 :] = 0
-    from fused_gates import token_logprobs
-
-    logp, _ = token_logprobs(hidden, weight, ids, backend="torch", memory_budget_mb=1024)
-    old = logp + 0.05 * torch.randn(batch, length, device=device, generator=g)
-    return Problem(hidden, weight, ids, advantages, mask, old)
-
-
-def sapo_from_logprobs(logp: torch.Tensor, p: Problem) -> torch.Tensor:
-    """SAPO with grpo aggregation from per-token log-probs [B, T] (TRL's ``loss_type="sapo"`` formula)."""
-    adv = p.advantages[:, None]
-    ratio = torch.exp(logp - p.old)
-    tau = torch.where(adv > 0, SAPO["tau_pos"], SAPO["tau_neg"])
-    per_token = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
-    return ((per_token * p.mask).sum(-1) / p.mask.sum(-1).clamp(min=1)).mean()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Implementations: each returns a closure running forward + backward and returning the loss
-
-
-def leaves(p: Problem):
-    return p.hidden.detach().clone().requires_grad_(), p.weight.detach().clone().requires_grad_()
-
-
-def fused_backend(p: Problem, backend: str, budget_mb: float | None) -> Callable[[], torch.Tensor]:
-    from fused_gates import gated_policy_loss
-
-    h, w = leaves(p)
-
-    def step():
-        h.grad = w.grad = None
-        out = gated_policy_loss(h, w, p.ids, p.advantages, p.mask, p.old, backend=backend, memory_budget_mb=budget_mb,
-                                **SAPO)
-        out.loss.backward()
-        return out.loss.detach()
-
-    return step
-
-
-def naive(p: Problem) -> Callable[[], torch.Tensor]:
-    h, w = leaves(p)
-
-    def step():
-        h.grad = w.grad = None
-        logits = (h @ w.T).float()
-        logp = torch.log_softmax(logits, -1).gather(-1, p.ids[..., None]).squeeze(-1)
-        loss = sapo_from_logprobs(logp, p)
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def three_gemm_floor(p: Problem) -> Callable[[], torch.Tensor]:
-    h = p.hidden.reshape(-1, p.hidden.shape[-1])
-    w = p.weight
-
-    def step():
-        z = h @ w.T  # [N, V]: stands in for dz
-        dh = z @ w
-        dw = z.T @ h
-        return (dh.float().sum() + dw.float().sum()) * 0
-
-    return step
-
-
-def trl_chunked(p: Problem) -> Callable[[], torch.Tensor]:
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-    names = list(inspect.signature(ChunkedLogProbFunction.forward).parameters)[1:]
-    if names[:5] != ["hidden", "weight", "bias", "targets", "temperature"]:
-        raise RuntimeError(f"unexpected ChunkedLogProbFunction.forward parameters {names}")
-    extra = ()
-    if len(names) > 5 and names[5] == "chunk_size":  # TRL 1.16: the vocabulary tile width, set by its trainer
-        try:
-            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk_size
-        except ImportError:
-            chunk_size = 32768
-        extra = (chunk_size,)
-    h, w = leaves(p)
-    batch, length, hidden_size = p.hidden.shape
-
-    def step():
-        h.grad = w.grad = None
-        out = ChunkedLogProbFunction.apply(h.reshape(-1, hidden_size), w, None, p.ids.reshape(-1), 1.0, *extra)
-        logp = out[0].reshape(batch, length)
-        loss = sapo_from_logprobs(logp, p)
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def liger_sapo(p: Problem) -> Callable[[], torch.Tensor]:
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    accepted = inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters
-    options = {"loss_type": "sapo", "beta": 0.0, "use_ref_model": False, "temperature": 1.0}
-    for name, value in (("sapo_temperature_pos", SAPO["tau_pos"]), ("sapo_temperature_neg", SAPO["tau_neg"])):
-        if name in accepted:
-            options[name] = value
-    module = LigerFusedLinearGRPOLoss(**{k: v for k, v in options.items() if k in accepted})
-    h, w = leaves(p)
-
-    def step():
-        h.grad = w.grad = None
-        result = module(h, w, p.ids, p.mask, p.advantages, old_per_token_logps=p.old)
-        loss = result[0] if isinstance(result, tuple) else result
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def no_grad_forward(p: Problem, backend: str) -> Callable[[], torch.Tensor]:
-    from fused_gates import token_logprobs
-
-    def step():
-        logp, _ = token_logprobs(p.hidden, p.weight, p.ids, backend=backend, memory_budget_mb=2048)
-        return logp.sum()
-
-    return step
-
-
-def one_gemm(p: Problem) -> Callable[[], torch.Tensor]:
-    h = p.hidden.reshape(-1, p.hidden.shape[-1])
-
-    def step():
-        return (h @ p.weight.T)[0, 0].float() * 0
-
-    return step
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing
-
-
-def measure(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int):
-    """(median ms, peak extra GiB, loss of the first call)."""
+def measure(call: Callable[[], torch.Tensor], case: impls.Case, mode: str, device: torch.device, warmup: int,
+            repeats: int) -> tuple[float, float | None, torch.Tensor]:
+    """(median ms, peak extra GiB, result of the first call)."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    loss = step()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
+    case.reset()
+    result = call()
+    peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        grads = case.gradient_bytes() if mode == "fwd_bwd" else 0
+        peak = (torch.cuda.max_memory_allocated() - base - grads) / 2**30
     for _ in range(warmup):
-        step()
+        case.reset()
+        call()
     times = []
     for _ in range(repeats):
+        case.reset()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            call()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            step()
+            call()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), peak, float(loss)
+    case.reset()
+    return statistics.median(times), peak, result
 
 
-def check_loss(name: str, loss: float, expected: float, tolerance: float) -> str:
-    if abs(loss - expected) > tolerance * max(1.0, abs(expected)):
-        return f"LOSS MISMATCH: {loss:.6g} vs torch backend {expected:.6g}"
+def check(mode: str, result: torch.Tensor, case: impls.Case, reference: torch.Tensor, bf16: bool) -> str:
+    # bfloat16 logits move a log-prob by up to ~0.02 and the loss by ~1e-3 relative; a wrong result by O(1)
+    if mode == "fwd_bwd":
+        expected, value = impls.policy_loss(reference, case).item(), result.item()
+        tolerance = (1e-2 if bf16 else 1e-4) * max(1.0, abs(expected))
+        if not abs(value - expected) <= tolerance:
+            return f"LOSS MISMATCH: {value:.6g} vs float32 reference {expected:.6g}"
+        return ""
+    error = (result.float() - reference).abs()[case.mask.bool()].max().item()
+    if not error <= (1e-1 if bf16 else 1e-3):
+        return f"LOG-PROB MISMATCH: largest |difference| from the float32 reference {error:.3g}"
     return ""
 
 
@@ -255,6 +106,13 @@ def probe_out_dtype(device: torch.device) -> str:
         return "yes"
     except (TypeError, RuntimeError) as e:
         return f"no ({type(e).__name__}: falls back to float32 copies)"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def main() -> int:
@@ -276,81 +134,64 @@ def main() -> int:
     else:
         shape = dict(batch=2, length=16, hidden_size=40, vocab=1003)
         dtype, warmup, repeats = torch.float32, 0, 1
-    problem = make_problem(**shape, dtype=dtype, device=device)
-    print(f"device {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}, shape {shape}, {dtype}")
+    case = impls.make_case(**shape, dtype=dtype, device=device)
+    reference = impls.reference_logprobs(case)
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    print(f"device {device_name}, shape {shape}, {dtype}")
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-
-    def optional(name: str, factory):
-        try:
-            return factory()
-        except Exception as e:  # the peer is missing or its API changed: report, do not crash the run
-            print(f"skip {name}: {type(e).__name__}: {e}")
-            return f"skipped: {type(e).__name__}: {e}"
-
-    big_budget = 4096.0 if cuda else 0.05
-    candidates: list[tuple[str, Callable[[], Callable[[], torch.Tensor]] | None, float, str]] = [
-        ("torch backend (default budget)", lambda: fused_backend(problem, "torch", None), 3, "check"),
-        (f"torch backend ({big_budget:g} MiB)", lambda: fused_backend(problem, "torch", big_budget), 3, "check"),
-        ("triton backend (default budget)", lambda: fused_backend(problem, "triton", None), 3, "check"),
-        (f"triton backend ({big_budget:g} MiB)", lambda: fused_backend(problem, "triton", big_budget), 3, "check"),
-        ("3-GEMM floor", lambda: three_gemm_floor(problem), 3, "floor"),
-        ("naive torch (materialised)", lambda: naive(problem), 3, "check"),
-        ("TRL ChunkedLogProbFunction + SAPO", lambda: trl_chunked(problem), 3, "peer"),
-        ("Liger LigerFusedLinearGRPOLoss(sapo)", lambda: liger_sapo(problem), 3, "peer"),
-        ("no-grad forward: triton token_logprobs", lambda: no_grad_forward(problem, "triton"), 1, "forward"),
-        ("no-grad forward: torch token_logprobs", lambda: no_grad_forward(problem, "torch"), 1, "forward"),
-        ("no-grad forward: one GEMM", lambda: one_gemm(problem), 1, "forward"),
-    ]
+    big = 4096.0 if cuda else 0.05  # MiB: the large budget (tiny on the smoke shapes, to force several chunks)
+    fwd_bwd = {
+        "fused_gates triton (default budget)": impls.ours_triton,
+        f"fused_gates triton ({big:g} MiB)": functools.partial(impls.ours_triton, memory_budget_mb=big),
+        "fused_gates torch (default budget)": impls.ours_torch,
+        f"fused_gates torch ({big:g} MiB)": functools.partial(impls.ours_torch, memory_budget_mb=big),
+        **{name: impls.TRAINING[name] for name in impls.IMPLEMENTATIONS if not name.startswith("fused_gates")},
+    }
+    forward = {
+        "fused_gates triton": impls.ours_triton_logprobs,
+        "fused_gates torch": impls.ours_torch_logprobs,
+        **{name: fn for name, fn in impls.FORWARD.items() if not name.startswith("fused_gates")},
+    }
     rows: list[Row] = []
-    reference_loss = None
     failures = []
-    for name, factory, products, kind in candidates:
-        step = optional(name, factory) if kind == "peer" else factory()
-        if isinstance(step, str):
-            rows.append(Row(name, None, None, note=step))
-            continue
-        try:
-            ms, peak, loss = measure(step, device, warmup, repeats)
-        except Exception as e:
-            if kind != "peer":
-                raise
-            print(f"skip {name}: {type(e).__name__}: {e}")
-            rows.append(Row(name, None, None, note=f"failed: {type(e).__name__}: {e}"))
-            continue
-        finally:
-            del step
-        note = ""
-        if kind in ("check", "peer"):
-            if reference_loss is None:
-                reference_loss = loss  # the first row: the torch backend
-            # bfloat16 logits (naive, TRL-style tiles) move the loss by ~1e-3 relative; a wrong loss moves it by O(1)
-            note = check_loss(name, loss, reference_loss, 1e-2 if kind == "peer" or "naive" in name else 1e-3)
+    for mode, candidates in (("fwd_bwd", fwd_bwd), ("forward", forward)):
+        for name, fn in candidates.items():
+            reason = impls.unavailable(name, mode, device.type) if name in impls.IMPLEMENTATIONS else None
+            if reason:
+                print(f"skip {mode} {name}: {reason}")
+                rows.append(Row(name, mode, None, None, note=f"skipped: {reason}"))
+                continue
+
+            def call(fn=fn, mode=mode) -> torch.Tensor:
+                return fn(case) if mode == "forward" else fn(case, "sigmoid")
+
+            try:
+                ms, peak, result = measure(call, case, mode, device, warmup, repeats)
+            except Exception as e:  # a peer whose API changed or that ran out of memory: report, keep going
+                if name.startswith("fused_gates"):
+                    raise
+                case.reset()
+                if cuda:
+                    torch.cuda.empty_cache()
+                print(f"skip {mode} {name}: {type(e).__name__}: {e}")
+                rows.append(Row(name, mode, None, None, note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+                continue
+            note = "" if name == "floor" else check(mode, result, case, reference, dtype == torch.bfloat16)
             if note:
-                failures.append(f"{name}: {note}")
-                print(f"!!! {name}: {note}")
-        rows.append(Row(name, ms, peak, loss, note, flops=products * problem.flops_per_product))
-        peak_text = f"+{peak:.2f} GiB" if peak is not None else "n/a"
-        print(f"{name:45s} {ms:10.2f} ms   peak {peak_text}   loss {loss:.6g}")
+                failures.append(f"{mode} {name}: {note}")
+                print(f"!!! {mode} {name}: {note}")
+            rows.append(Row(name, mode, ms, peak, note, flops=case.floor_flops(mode)))
+            peak_text = f"+{peak:.2f} GiB" if peak is not None else "n/a"
+            print(f"{mode:8s} {name:40s} {ms:10.2f} ms   peak {peak_text}")
 
-    def find(prefix: str) -> float | None:
-        for r in rows:
-            if r.name.startswith(prefix) and r.ms:
-                return r.ms
-        return None
+    def find(mode: str, name: str) -> float | None:
+        return next((r.ms for r in rows if r.mode == mode and r.name == name and r.ms), None)
 
-    floor, trl_ms, liger_ms, gemm_ms = find("3-GEMM"), find("TRL"), find("Liger"), find("no-grad forward: one GEMM")
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)",
-        "torch": torch.__version__,
-        "triton": triton_version,
+        "device": device_name if cuda else "cpu (smoke)",
         "python": sys.version.split()[0],
+        **{dist: _version(dist) for dist in ("torch", "triton", "trl", "liger-kernel")},
         "mm_out_dtype_float32": probe_out_dtype(device),
         "shape": shape,
         "dtype": str(dtype),
@@ -358,46 +199,37 @@ def main() -> int:
         "repeats": repeats,
         "failures": failures,
     }
-    for module in ("trl", "liger_kernel"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:
-            info[module] = None
-
     table = [
-        "| implementation | median ms | TFLOP/s | x floor | x TRL | x Liger | peak extra GiB | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | implementation | median ms | TFLOP/s | x floor | x naive | x TRL | x Liger | peak extra GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    records = []
     for r in rows:
-        is_forward = r.name.startswith("no-grad")
-        base = gemm_ms if is_forward else floor
 
-        def ratio(x: float | None, r: Row = r) -> str:
+        def ratio(base: str, r: Row = r) -> str:
+            x = find(r.mode, base)
             return f"{r.ms / x:.2f}" if (r.ms and x) else "-"
 
         tflops = f"{r.flops / (r.ms * 1e-3) / 1e12:.0f}" if r.ms and r.flops else "-"
         peak = f"{r.peak_extra_gib:.2f}" if r.peak_extra_gib is not None else "-"
         ms = f"{r.ms:.2f}" if r.ms else "-"
-        vs_trl = "-" if is_forward else ratio(trl_ms)
-        vs_liger = "-" if is_forward else ratio(liger_ms)
-        table.append(f"| {r.name} | {ms} | {tflops} | {ratio(base)} | {vs_trl} | {vs_liger} | {peak} | {r.note} |")
-        records.append({**r.__dict__})
+        table.append(f"| {r.mode} | {r.name} | {ms} | {tflops} | {ratio('floor')} | {ratio('naive_torch')} | "
+                     f"{ratio('trl_chunked_logprob')} | {ratio('liger_fused_linear_grpo')} | {peak} | {r.note} |")
     header = [
-        f"# Fused gated policy loss: forward + backward, {info['device']}",
+        f"# Fused gated policy loss: {info['device']}",
         "",
         f"{info['date']}; torch {info['torch']}, triton {info['triton']}, trl {info['trl']}, "
-        f"liger-kernel {info['liger_kernel']}; shape {shape} ({dtype}); median of {repeats} after {warmup} warm-up; "
+        f"liger-kernel {info['liger-kernel']}; shape {shape} ({dtype}); median of {repeats} after {warmup} warm-up; "
         f"mm(out_dtype=float32): {info['mm_out_dtype_float32']}.",
         "TFLOP/s count 3 products (6 N H V) for forward + backward, one (2 N H V) for the no-grad forward; "
-        "'x floor' is against three bfloat16 GEMMs (one for the no-grad rows).",
+        "'x floor' is against three GEMMs (one for the forward rows), in the input dtype.",
         "",
     ]
     (args.out_dir / "gpu_bench.md").write_text("\n".join(header + table) + "\n")
-    (args.out_dir / "gpu_bench.json").write_text(json.dumps({"info": info, "rows": records}, indent=2))
+    (args.out_dir / "gpu_bench.json").write_text(json.dumps({"info": info, "rows": [r.__dict__ for r in rows]},
+                                                            indent=2))
     print("\n".join(table))
     if failures:
-        print("LOSS MISMATCHES:\n  " + "\n  ".join(failures))
+        print("MISMATCHES:\n  " + "\n  ".join(failures))
         return 1
     return 0
 

@@ -1,13 +1,22 @@
-"""The implementations the benchmarks compare, each as ``step(case) -> loss`` doing forward + backward.
+"""The implementations the benchmarks compare, in two modes, and the float32 reference they are checked against.
 
-All compute the SAPO objective (sigmoid gate, TRL's ``grpo`` aggregation) from last hidden states and the lm_head:
-ours, the naive materialised-logits version, TRL 1.16's fused LM head + its SAPO formula, Liger-Kernel's fused
-linear GRPO loss; ``floor`` is the three bare matrix products any forward + backward needs (logits, dh, dW).
+* ``TRAINING[name](case, gate) -> loss``: forward + backward of the gated policy loss (TRL's ``grpo`` aggregation;
+  the sigmoid gate is TRL 1.16's ``loss_type="sapo"``) from last hidden states and the lm_head, leaving the
+  gradients in ``case.hidden.grad`` / ``case.weight.grad``.
+* ``FORWARD[name](case) -> log-probs [B, T]``: the no-grad pass that produces old / reference log-probs.
+
+Implementations: ours (``backend="auto"``: Triton on CUDA, torch on CPU; ``fused_gates_torch`` forces the torch
+backend), the naive materialised-logits version, TRL 1.16's ``ChunkedLogProbFunction`` + TRL's SAPO formula,
+Liger-Kernel's ``LigerFusedLinearGRPOLoss(loss_type="sapo")`` (training only: it has no log-prob-only entry point),
+PyTorch's chunked ``linear_cross_entropy`` (its per-token loss is ``-logp``) + the same formula, and ``floor``: the
+bare matrix products any implementation needs (three for forward + backward, one for the forward).
+``unavailable(name, mode, device)`` names the reason an implementation cannot run here, if any.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,112 +24,306 @@ import torch
 from torch import Tensor
 
 TAU_POS, TAU_NEG = 1.0, 1.05
+EPSILON = 0.2  # clip gate: epsilon_low = epsilon_high
+GATES = ("clip", "sigmoid", "erf", "arctan", "softsign")
+# TRL 1.16's trainer passes trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (vocabulary tile width); importing that
+# module pulls in transformers, so the value is repeated here
+TRL_CHUNK_SIZE = 32768
 
 
 @dataclass
 class Case:
     hidden: Tensor  # [B, T, H], requires grad
     weight: Tensor  # [V, H], requires grad
-    ids: Tensor
-    advantages: Tensor
-    mask: Tensor
-    old: Tensor
+    ids: Tensor  # [B, T]
+    advantages: Tensor  # [B]
+    mask: Tensor  # [B, T], the last 1/8 of each row is padding
+    old: Tensor  # [B, T] float32
 
     @property
-    def flops_floor(self) -> float:
-        # three products of 2 N H V flops each: logits = h W^T, dh = dz W, dW = dz^T h
-        b, t, h = self.hidden.shape
-        return 3 * 2 * b * t * h * self.weight.shape[0]
+    def tokens(self) -> int:
+        return self.ids.numel()
+
+    def floor_flops(self, mode: str) -> float:
+        # one product h W^T is 2 N H V flops; forward + backward needs three (logits, dh = dz W, dW = dz^T h)
+        products = 3 if mode == "fwd_bwd" else 1
+        return products * 2.0 * self.tokens * self.hidden.shape[-1] * self.weight.shape[0]
+
+    def gradient_bytes(self) -> int:
+        return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
+
+    def reset(self) -> None:
+        self.hidden.grad = self.weight.grad = None
 
 
-def make_case(batch: int, length: int, hidden_size: int, vocab: int, dtype=torch.float32, device="cpu",
-              seed: int = 0) -> Case:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(batch, length, hidden_size, generator=g).to(device, dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device, dtype)
-    ids = torch.randint(0, vocab, (batch, length), generator=g).to(device)
-    advantages = torch.randn(batch, generator=g).to(device)
+def make_case(batch: int, length: int, hidden_size: int, vocab: int, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", seed: int = 0) -> Case:
+    device = torch.device(device)
+    # generated where they live: a 7B head's weight is 545M numbers, slow to draw on the CPU and copy over
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(batch, length, hidden_size, generator=g, device=device).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g, device=device) * 0.02).to(dtype)
+    ids = torch.randint(0, vocab, (batch, length), generator=g, device=device)
+    advantages = torch.randn(batch, generator=g, device=device)
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
     mask[:, length - length // 8 :] = 0
     # old log-probs near the policy's: log-ratios of about +-0.1 (uniform log-probs under these weights)
-    old = (-torch.log(torch.tensor(float(vocab))) + 0.1 * torch.randn(batch, length, generator=g)).to(device)
+    old = -math.log(vocab) + 0.1 * torch.randn(batch, length, generator=g, device=device)
     return Case(hidden.requires_grad_(True), weight.requires_grad_(True), ids, advantages, mask, old)
 
 
-def _grpo_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(per_token.dtype)
+# ---------------------------------------------------------------------------------------------------------------
+# The objective from per-token log-probs, written from the paper's gate formulas (no code shared with the package)
+
+
+def gate_value(gate: str, ratio: Tensor, advantages: Tensor) -> Tensor:
+    tau = torch.where(advantages > 0, TAU_POS, TAU_NEG)
+    u = ratio - 1
+    if gate == "clip":
+        return torch.where(advantages > 0, ratio.clamp(max=1 + EPSILON), ratio.clamp(min=1 - EPSILON))
+    if gate == "sigmoid":
+        return torch.sigmoid(tau * u) * 4 / tau
+    if gate == "erf":
+        c = math.sqrt(math.pi / 2) / tau
+        return c * (1 + torch.erf(tau * u / math.sqrt(2))) + 1 - c
+    if gate == "arctan":
+        return 1 + torch.atan(tau * u) / tau
+    if gate == "softsign":
+        return 1 + u / torch.sqrt(1 + tau**2 * u**2)
+    raise ValueError(f"unknown gate {gate!r}")
+
+
+def policy_loss(logps: Tensor, case: Case, gate: str = "sigmoid") -> Tensor:
+    """``-f(r) A`` per token, averaged per sequence over its mask, then over sequences (TRL's ``grpo``)."""
+    ratio = torch.exp(logps.float() - case.old)
+    per_token = -gate_value(gate, ratio, case.advantages.unsqueeze(1)) * case.advantages.unsqueeze(1)
+    m = case.mask.to(per_token.dtype)
     return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
 
 
-def _sapo(logps: Tensor, case: Case) -> Tensor:
-    """TRL 1.16's SAPO formula on given log-probs."""
-    ratio = torch.exp(logps - case.old)
-    adv = case.advantages.unsqueeze(1)
-    tau = torch.where(adv > 0, TAU_POS, TAU_NEG)
-    return _grpo_mean(-torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, case.mask)
+@torch.no_grad()
+def reference_logprobs(case: Case) -> Tensor:
+    """Float32 log-probs [B, T] of the same (possibly bfloat16) inputs.
+
+    On CPU all rows at once: the naive implementation in float32. On CUDA blocks of rows whose float32 logits take
+    at most 1 GiB, so that the reference never needs the N x V matrix that the naive peer may not fit.
+    """
+    b, t, h = case.hidden.shape
+    x = case.hidden.detach().reshape(b * t, h)
+    w = case.weight.detach().float()
+    ids = case.ids.reshape(-1)
+    rows = b * t if x.device.type == "cpu" else max(1, 2**30 // (4 * w.shape[0]))
+    out = torch.empty(b * t, dtype=torch.float32, device=x.device)
+    for start in range(0, b * t, rows):
+        z = x[start : start + rows].float() @ w.T
+        out[start : start + rows] = z.gather(1, ids[start : start + rows, None]).squeeze(1) - z.logsumexp(1)
+    return out.view(b, t)
 
 
-def ours(case: Case) -> Tensor:
+# ---------------------------------------------------------------------------------------------------------------
+# Forward + backward
+
+
+def _ours(case: Case, gate: str, backend: str, memory_budget_mb: float | None = None) -> Tensor:
     from fused_gates import gated_policy_loss
 
-    out = gated_policy_loss(case.hidden, case.weight, case.ids, case.advantages, case.mask, case.old, gate="sigmoid",
-                            tau_pos=TAU_POS, tau_neg=TAU_NEG, backend="auto")
+    out = gated_policy_loss(case.hidden, case.weight, case.ids, case.advantages, case.mask, case.old, gate=gate,
+                            tau_pos=TAU_POS, tau_neg=TAU_NEG, epsilon_low=EPSILON, epsilon_high=EPSILON,
+                            backend=backend, memory_budget_mb=memory_budget_mb)
     out.loss.backward()
     return out.loss.detach()
 
 
-def naive(case: Case) -> Tensor:
-    logits = (case.hidden @ case.weight.T).float()
-    logps = torch.log_softmax(logits, -1).gather(-1, case.ids.unsqueeze(-1)).squeeze(-1)
-    loss = _sapo(logps, case)
+def ours(case: Case, gate: str = "sigmoid", memory_budget_mb: float | None = None) -> Tensor:
+    return _ours(case, gate, "auto", memory_budget_mb)
+
+
+def ours_torch(case: Case, gate: str = "sigmoid", memory_budget_mb: float | None = None) -> Tensor:
+    return _ours(case, gate, "torch", memory_budget_mb)
+
+
+def ours_triton(case: Case, gate: str = "sigmoid", memory_budget_mb: float | None = None) -> Tensor:
+    return _ours(case, gate, "triton", memory_budget_mb)
+
+
+def _train_from_logps(logps: Tensor, case: Case, gate: str) -> Tensor:
+    loss = policy_loss(logps, case, gate)
     loss.backward()
     return loss.detach()
 
 
-def trl_chunked(case: Case) -> Tensor:
+def _naive_logps(case: Case) -> Tensor:
+    logits = (case.hidden @ case.weight.T).float()
+    return torch.log_softmax(logits, -1).gather(-1, case.ids.unsqueeze(-1)).squeeze(-1)
+
+
+def naive(case: Case, gate: str = "sigmoid") -> Tensor:
+    return _train_from_logps(_naive_logps(case), case, gate)
+
+
+def _trl_logps(case: Case) -> Tensor:
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
     b, t, h = case.hidden.shape
+    # arguments: hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
+    # outputs (() = log-probs only, no entropy)
     logps, *_ = ChunkedLogProbFunction.apply(case.hidden.reshape(b * t, h), case.weight, None, case.ids.reshape(-1),
-                                             1.0, 32768, None, 1.0, ())
-    loss = _sapo(logps.view(b, t), case)
-    loss.backward()
-    return loss.detach()
+                                             1.0, TRL_CHUNK_SIZE, None, 1.0, ())
+    return logps.view(b, t)
 
 
-def liger(case: Case) -> Tensor:
+def trl_chunked(case: Case, gate: str = "sigmoid") -> Tensor:
+    return _train_from_logps(_trl_logps(case), case, gate)
+
+
+def _lce_logps(case: Case) -> Tensor:
+    from torch.nn import LinearCrossEntropyOptions
+    from torch.nn.functional import linear_cross_entropy
+
+    b, t, h = case.hidden.shape
+    # options=LinearCrossEntropyOptions() selects the chunked path (options=None would materialise the logits)
+    nll = linear_cross_entropy(case.hidden.reshape(b * t, h), case.weight, case.ids.reshape(-1), reduction="none",
+                               options=LinearCrossEntropyOptions())
+    return -nll.view(b, t)
+
+
+def torch_lce(case: Case, gate: str = "sigmoid") -> Tensor:
+    return _train_from_logps(_lce_logps(case), case, gate)
+
+
+def liger(case: Case, gate: str = "sigmoid") -> Tensor:
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    # compiled=False: torch.compile's CPU code generation would add minutes of compilation to each process
-    fn = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="sapo",
+    if gate != "sigmoid":
+        raise ValueError("the Liger baseline is run with its SAPO (sigmoid) loss only")
+    # compiled=False on CPU: torch.compile's CPU code generation would add minutes of compilation to each process
+    fn = LigerFusedLinearGRPOLoss(beta=0.0, compiled=case.hidden.is_cuda, use_ref_model=False, loss_type="sapo",
                                   sapo_temperature_pos=TAU_POS, sapo_temperature_neg=TAU_NEG)
     loss, _ = fn(case.hidden, case.weight, case.ids, case.mask, case.advantages, old_per_token_logps=case.old)
     loss.backward()
     return loss.detach()
 
 
-def floor(case: Case) -> Tensor:
+def floor(case: Case, gate: str = "sigmoid") -> Tensor:
+    """Three products on all tokens: logits, then with the logits standing in for dz: dh = dz W, dW = dz^T h."""
     b, t, h = case.hidden.shape
     with torch.no_grad():
         x = case.hidden.reshape(b * t, h)
         z = x @ case.weight.T
         dh = z @ case.weight
         dw = z.T @ x
-    return (dh.sum() + dw.sum()) * 0
+    return (dh[0, 0] + dw[0, 0]).float() * 0
 
 
-IMPLEMENTATIONS: dict[str, tuple[Callable[[Case], Tensor], str | None]] = {
-    # name: (step, module that must be importable)
-    "fused_gates": (ours, None),
-    "naive_torch": (naive, None),
-    "trl_chunked_logprob": (trl_chunked, "trl"),
-    "liger_fused_linear_grpo": (liger, "liger_kernel"),
-    "floor_3_gemms": (floor, None),
+# ---------------------------------------------------------------------------------------------------------------
+# Forward only (no grad)
+
+
+@torch.no_grad()
+def ours_logprobs(case: Case, backend: str = "auto", memory_budget_mb: float | None = None) -> Tensor:
+    from fused_gates import token_logprobs
+
+    logps, _ = token_logprobs(case.hidden, case.weight, case.ids, case.mask, backend=backend,
+                              memory_budget_mb=memory_budget_mb)
+    return logps
+
+
+@torch.no_grad()
+def ours_torch_logprobs(case: Case, memory_budget_mb: float | None = None) -> Tensor:
+    return ours_logprobs(case, "torch", memory_budget_mb)
+
+
+@torch.no_grad()
+def ours_triton_logprobs(case: Case, memory_budget_mb: float | None = None) -> Tensor:
+    return ours_logprobs(case, "triton", memory_budget_mb)
+
+
+@torch.no_grad()
+def naive_logprobs(case: Case) -> Tensor:
+    return _naive_logps(case)
+
+
+@torch.no_grad()
+def trl_logprobs(case: Case) -> Tensor:
+    return _trl_logps(case)
+
+
+@torch.no_grad()
+def lce_logprobs(case: Case) -> Tensor:
+    return _lce_logps(case)
+
+
+@torch.no_grad()
+def floor_forward(case: Case) -> Tensor:
+    """One product ``h W^T`` on all tokens."""
+    b, t, h = case.hidden.shape
+    z = case.hidden.reshape(b * t, h) @ case.weight.T
+    return z[0, 0].float() * 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+
+MODES = ("fwd_bwd", "forward")
+TRAINING: dict[str, Callable[..., Tensor]] = {
+    "fused_gates": ours,
+    "fused_gates_torch": ours_torch,
+    "naive_torch": naive,
+    "trl_chunked_logprob": trl_chunked,
+    "liger_fused_linear_grpo": liger,
+    "torch_linear_cross_entropy": torch_lce,
+    "floor": floor,
 }
+FORWARD: dict[str, Callable[..., Tensor]] = {
+    "fused_gates": ours_logprobs,
+    "fused_gates_torch": ours_torch_logprobs,
+    "naive_torch": naive_logprobs,
+    "trl_chunked_logprob": trl_logprobs,
+    "torch_linear_cross_entropy": lce_logprobs,
+    "floor": floor_forward,
+}
+IMPLEMENTATIONS = tuple(TRAINING)  # every name, in table order
+REQUIRED_MODULE = {"trl_chunked_logprob": "trl", "liger_fused_linear_grpo": "liger_kernel"}
 
 
-def missing_dependency(name: str) -> str | None:
-    module = IMPLEMENTATIONS[name][1]
+def step(name: str, mode: str) -> Callable[..., Tensor]:
+    return (TRAINING if mode == "fwd_bwd" else FORWARD)[name]
+
+
+def unavailable(name: str, mode: str, device: str) -> str | None:
+    """Why ``name`` cannot run in ``mode`` on ``device`` (None if it can)."""
+    if mode == "forward" and name not in FORWARD:
+        return f"{name} has no forward-only log-prob entry point (it computes the loss only)"
+    if name == "fused_gates_torch" and device == "cpu":
+        return "fused_gates_torch: backend='auto' already is the torch backend on CPU (the fused_gates row)"
+    module = REQUIRED_MODULE.get(name)
     if module is not None and importlib.util.find_spec(module) is None:
         return f"{name} needs the '{module}' package (pip install -e '.[bench]')"
+    if name == "torch_linear_cross_entropy" and not (
+        hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+    ):
+        return f"{name}: torch {torch.__version__} has no chunked torch.nn.functional.linear_cross_entropy"
     return None
+
+
+def warm_up(name: str, mode: str, case: Case, gate: str = "sigmoid") -> None:
+    """One step on the first 8 tokens of ``case`` (same weight): imports, lazy initialisation and the first-use
+    costs that some implementations pay per head shape (up to seconds) happen here, not in a timed round or a
+    memory measurement."""
+    t = min(8, case.hidden.shape[1])
+    small = Case(case.hidden[:1, :t].detach().clone().requires_grad_(True), case.weight, case.ids[:1, :t],
+                 case.advantages[:1], case.mask[:1, :t], case.old[:1, :t])
+    if mode == "fwd_bwd":
+        step(name, mode)(small, gate)
+    else:
+        step(name, mode)(small)
+    case.reset()
+
+
+def naive_bytes(case: Case, mode: str) -> int:
+    """Estimated peak of the naive implementation beyond its inputs: N x V logits in the input dtype, their float32
+    copy and log-softmax, and in backward two more float32 N x V buffers (the gather's gradient and log-softmax's);
+    the CPU float32 measurement (about 14 bytes per logit at the 0.5B head) sits under this count."""
+    nv = case.tokens * case.weight.shape[0]
+    per_logit = case.hidden.element_size() + 4 + 4 + (8 if mode == "fwd_bwd" else 0)
+    return nv * per_logit

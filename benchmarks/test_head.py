@@ -1,0 +1,271 @@
+"""LM-head benchmarks: implementation x shape x gate x mode, each result checked against a float32 reference.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/RUN.json
+    python benchmarks/report.py benchmarks/results/RUN.json      # RUN.md (tables) and RUN.png (plots) beside it
+
+Modes: ``fwd_bwd`` (a training step: loss, backward into hidden and weight) and ``forward`` (the no-grad old /
+reference log-prob pass). Implementations are in ``head_impls.py``; one that is not installed, whose API this
+torch lacks, or that has no forward-only entry point (Liger) is skipped with a reason naming it.
+
+Shapes by device (``FUSED_GATES_BENCH_DEVICE=cpu|cuda``, default CUDA when available):
+
+* CUDA, bfloat16: the heads of Qwen2.5-0.5B (H=896, V=151,936) and Qwen2.5-7B (H=3584, V=152,064) at
+  N = 2048, 8192 and 32768 tokens, both modes; ours also with ``backend="torch"`` (``fused_gates_torch``); a naive
+  case whose estimated N x V buffers would not fit the free GPU memory is skipped. Gate sweep at 7B, N = 8192.
+  5 timed rounds after two untimed calls (compilation, autotuning; the second one measures memory).
+* CPU, float32: the 0.5B head; forward + backward at N = 512 and 2048 (B=8 x T=64 / 256, the last 1/8 of each
+  row padding; N = 2048 is the headline comparison), forward at N = 2048, and the gate sweep (clip, sigmoid, erf,
+  arctan, softsign; ours only) at N = 512. One timed round each: a step takes 1 to 35 s here, and the spread
+  between rounds is far below the differences between implementations. Expected duration on a 2-core machine:
+  about 9 minutes (estimated from the per-step times of the committed N = 2048 run: about 270 s of forward +
+  backward rounds at N = 2048 incl. the memory probes, 80 s at N = 512, 80 s of forward passes, 20 s of gate sweep,
+  plus about 5 s of process start-up per memory probe and the float32 references).
+
+Each benchmark checks what its implementation computed on the benchmark's inputs (the loss for ``fwd_bwd``, the
+log-probs of the unpadded tokens for ``forward``) against the float32 reference of ``head_impls.reference_logprobs``
+(computed once per shape) and fails with both numbers beyond the dtype's tolerance; the floor computes neither and
+is not checked. ``extra_info`` holds the shape, versions, ``tflops_per_s`` (the floor's flops over the median:
+3 x 2 N H V for forward + backward, 2 N H V for the forward) and ``peak_extra_bytes``: on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the step, minus the gradient buffers of
+hidden and weight; on CPU the fresh-process ``VmHWM`` probe of ``memory_probe.py`` (skipped for the gate sweep, whose
+buffers are those of the sigmoid row).
+
+Environment overrides: ``FUSED_GATES_BENCH_SCALE=tiny`` (N / 8 and a vocabulary of about 1,000: every
+parametrisation in seconds, to check the suite), ``FUSED_GATES_BENCH_PROFILE=cuda`` (the CUDA shapes and bfloat16
+on whatever device runs them), ``FUSED_GATES_BENCH_ROUNDS=R``, ``FUSED_GATES_BENCH_MEMORY=0`` (no CPU probes).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from head_impls import (
+    GATES,
+    IMPLEMENTATIONS,
+    Case,
+    make_case,
+    naive_bytes,
+    policy_loss,
+    reference_logprobs,
+    step,
+    unavailable,
+    warm_up,
+)
+
+HERE = Path(__file__).parent
+DEVICE = os.environ.get("FUSED_GATES_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+PROFILE = os.environ.get("FUSED_GATES_BENCH_PROFILE", DEVICE)
+SCALE = os.environ.get("FUSED_GATES_BENCH_SCALE", "full")
+CUDA = DEVICE == "cuda"
+DTYPE = torch.bfloat16 if PROFILE == "cuda" else torch.float32
+ROUNDS = int(os.environ.get("FUSED_GATES_BENCH_ROUNDS", "5" if CUDA else "1"))
+CPU_MEMORY_PROBE = os.environ.get("FUSED_GATES_BENCH_MEMORY", "1") != "0"
+if PROFILE not in ("cpu", "cuda") or SCALE not in ("full", "tiny"):
+    raise ValueError(f"FUSED_GATES_BENCH_PROFILE={PROFILE!r} / _SCALE={SCALE!r}: expected cpu|cuda and full|tiny")
+
+# (hidden size, vocabulary) of the lm_heads; tiny keeps V > H so that the same code paths run
+MODELS = {"qwen2.5-0.5b": (896, 151_936), "qwen2.5-7b": (3584, 152_064)}
+TINY_MODELS = {"qwen2.5-0.5b": (32, 1000), "qwen2.5-7b": (48, 1003)}
+# float32 differs from the reference by summation order only; bfloat16 logits carry 2^-9 relative rounding, i.e.
+# up to about 0.02 on a log-prob here, and averaging over tokens shrinks it in the loss; a wrong result is off by O(1)
+LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # relative to max(1, |reference loss|)
+LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1}  # largest absolute difference over the tokens
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    batch: int
+    length: int
+
+    @property
+    def length_at_scale(self) -> int:
+        return self.length if SCALE == "full" else max(8, self.length // 8)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length_at_scale
+
+    @property
+    def head(self) -> tuple[int, int]:
+        return (MODELS if SCALE == "full" else TINY_MODELS)[self.model]
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-N{self.tokens}"
+
+
+if PROFILE == "cuda":
+    _CUDA_SHAPES = [Shape(m, b, t) for m in MODELS for b, t in ((8, 256), (16, 512), (32, 1024))]
+    SHAPES = {"fwd_bwd": _CUDA_SHAPES, "forward": _CUDA_SHAPES}
+    SWEEP_SHAPE = Shape("qwen2.5-7b", 16, 512)
+else:
+    SHAPES = {"fwd_bwd": [Shape("qwen2.5-0.5b", 8, 64), Shape("qwen2.5-0.5b", 8, 256)],
+              "forward": [Shape("qwen2.5-0.5b", 8, 256)]}
+    SWEEP_SHAPE = Shape("qwen2.5-0.5b", 8, 64)
+
+
+def _params(mode: str) -> list:
+    # shape-major, so that consecutive benchmarks share the cached inputs and reference
+    return [pytest.param(name, shape, id=f"{shape.id}-{name}") for shape in SHAPES[mode] for name in IMPLEMENTATIONS]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+VERSIONS = {dist: _version(dist) for dist in ("torch", "triton", "trl", "liger-kernel", "fused-gates")}
+
+
+@functools.lru_cache(maxsize=2)  # the shapes of one mode come in order; two keep the CPU sweep's N = 512 inputs
+def _case(shape: Shape) -> Case:
+    return make_case(shape.batch, shape.length_at_scale, *shape.head, dtype=DTYPE, device=DEVICE)
+
+
+@functools.cache  # N floats per shape: the slow materialised computation runs once per shape
+def _reference(shape: Shape) -> torch.Tensor:
+    return reference_logprobs(_case(shape))
+
+
+@functools.cache
+def _warm_up(name: str, mode: str, gate: str, shape: Shape) -> None:
+    warm_up(name, mode, _case(shape), gate)
+
+
+def _probe_cpu_memory(name: str, mode: str, shape: Shape, gate: str) -> int:
+    command = [sys.executable, str(HERE / "memory_probe.py"), name, "--mode", mode, "--gate", gate,
+               "--dtype", str(DTYPE).removeprefix("torch."),
+               "--shape", str(shape.batch), str(shape.length_at_scale), *map(str, shape.head)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    if result.returncode != 0:
+        pytest.fail(f"memory probe of {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def _cuda_peak(call, case: Case, mode: str) -> int:
+    case.reset()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    grads = case.gradient_bytes() if mode == "fwd_bwd" else 0
+    return torch.cuda.max_memory_allocated() - before - grads
+
+
+def _check(name: str, mode: str, gate: str, shape: Shape, result: torch.Tensor, case: Case) -> str | dict:
+    """The comparison with the reference, or the message of a mismatch."""
+    reference = _reference(shape)
+    if mode == "fwd_bwd":
+        expected = policy_loss(reference, case, gate).item()
+        value = result.item()
+        tolerance = LOSS_TOLERANCE[DTYPE] * max(1.0, abs(expected))
+        error = abs(value - expected)
+        if not error <= tolerance:  # also catches NaN
+            return (f"{name} ({gate}, {shape.id}) computes loss {value:.8f}; the float32 reference "
+                    f"{expected:.8f} (|difference| {error:.3g} > tolerance {tolerance:.3g})")
+    else:
+        valid = case.mask.bool()
+        difference = (result.float() - reference).abs()[valid]
+        worst = int(difference.argmax()) if difference.numel() else 0
+        error = float(difference.max()) if difference.numel() else 0.0
+        value, expected = float(result.float()[valid][worst]), float(reference[valid][worst])
+        tolerance = LOGPROB_TOLERANCE[DTYPE]
+        if not error <= tolerance:
+            return (f"{name} ({shape.id}) log-prob of valid token {worst}: {value:.6f}; the float32 reference "
+                    f"{expected:.6f} (largest |difference| {error:.3g} > tolerance {tolerance:.3g})")
+    return {"value": value, "reference": expected, "error": error, "tolerance": tolerance}
+
+
+def _run(benchmark, mode: str, name: str, shape: Shape, gate: str = "sigmoid", sweep: bool = False) -> None:
+    reason = unavailable(name, mode, DEVICE)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"gate sweep {shape.id}" if sweep else f"{mode} {shape.id}"
+    case = _case(shape)
+    fn = step(name, mode)
+
+    def call() -> torch.Tensor:
+        out = fn(case, gate) if mode == "fwd_bwd" else fn(case)
+        if CUDA:
+            torch.cuda.synchronize()  # pytest-benchmark reads the host clock
+        return out
+
+    if CUDA and name == "naive_torch":
+        torch.cuda.empty_cache()  # blocks cached by earlier benchmarks count as used in mem_get_info
+        need, (free, _) = naive_bytes(case, mode), torch.cuda.mem_get_info()
+        if need > 0.9 * free:
+            pytest.skip(f"naive_torch at {shape.id}: its N x V buffers need about {need / 2**30:.0f} GiB, "
+                        f"{free / 2**30:.0f} GiB free on {_device_name()}")
+    _warm_up(name, mode, gate, shape)
+    setup = case.reset if mode == "fwd_bwd" else None
+    peak = None
+    try:
+        if CUDA:
+            case.reset()
+            call()  # compilation, autotuning, caches
+            peak = _cuda_peak(call, case, mode)
+        result = benchmark.pedantic(call, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    except torch.OutOfMemoryError as e:
+        case.reset()
+        torch.cuda.empty_cache()
+        pytest.skip(f"{name} at {shape.id} ran out of GPU memory: {str(e).splitlines()[0]}")
+    finally:
+        case.reset()
+    check = None if name == "floor" else _check(name, mode, gate, shape, result, case)
+    if not CUDA and CPU_MEMORY_PROBE and not sweep and not isinstance(check, str):
+        peak = _probe_cpu_memory(name, mode, shape, gate)
+    median = benchmark.stats.stats.median
+    h, v = shape.head
+    benchmark.extra_info.update({
+        "implementation": name, "mode": mode, "gate": gate, "sweep": sweep, "model": shape.model,
+        "tokens": shape.tokens, "batch": shape.batch, "length": shape.length_at_scale, "hidden": h, "vocab": v,
+        "dtype": str(DTYPE).removeprefix("torch."), "device": DEVICE, "device_name": _device_name(),
+        "threads": torch.get_num_threads(), "scale": SCALE, "versions": VERSIONS,
+        "floor_flops": case.floor_flops(mode), "tflops_per_s": case.floor_flops(mode) / median / 1e12,
+        "peak_extra_bytes": peak, "check": check,
+    })
+    if isinstance(check, str):
+        # after extra_info, so that a saved JSON marks the row (pytest-benchmark may keep a failed benchmark's stats)
+        pytest.fail(check)
+
+
+@pytest.mark.parametrize(("name", "shape"), _params("fwd_bwd"))
+def test_fwd_bwd(benchmark, name: str, shape: Shape) -> None:
+    _run(benchmark, "fwd_bwd", name, shape)
+
+
+@pytest.mark.parametrize(("name", "shape"), _params("forward"))
+def test_forward(benchmark, name: str, shape: Shape) -> None:
+    _run(benchmark, "forward", name, shape)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_gate_sweep(benchmark, gate: str) -> None:
+    _run(benchmark, "fwd_bwd", "fused_gates", SWEEP_SHAPE, gate, sweep=True)
