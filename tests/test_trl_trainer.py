@@ -169,3 +169,27 @@ def test_unsupported_configuration_fails_at_construction(tmp_path, case):
     overrides, message = case
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, **overrides)
+
+
+def test_lora_with_gradient_checkpointing_trains_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft", reason="PEFT (the 'trl' extra) is needed for the LoRA test")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model_dir = tmp_path / "tiny-model"
+    tiny_model().save_pretrained(model_dir)
+    args = GatedGRPOConfig(output_dir=str(tmp_path / "run"), model_init_kwargs={"dtype": torch.float32},
+                           per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
+                           learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                           seed=0, bf16=False, gate="erf", gate_tau_pos=10.0, gate_tau_neg=12.0, num_iterations=2,
+                           beta=0.05, gradient_checkpointing=True)
+    trainer = GatedGRPOTrainer(model=str(model_dir), reward_funcs=think_reward, args=args, train_dataset=dataset(),
+                               processing_class=tiny_tokenizer(), peft_config=lora)
+    lm_head = trainer.model.get_output_embeddings().weight
+    assert not lm_head.requires_grad  # frozen head: the fused loss skips dW
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(params[n].detach(), v) for n, v in adapters.items())
+    assert all(torch.equal(params[n].detach(), v) for n, v in frozen.items())
+    logs = [entry for entry in trainer.state.log_history if "eur" in entry]
+    assert logs and all(math.isfinite(entry["kl"]) for entry in logs)
