@@ -1,8 +1,15 @@
-"""``fused-gates`` command line: ``fused-gates demo`` runs the loss on a realistic lm_head with random weights."""
+"""``fused-gates`` command line.
+
+* ``demo`` -- the loss on a realistic lm_head with random weights (also what runs without a subcommand);
+* ``plot-gates`` -- the paper's Figure 1: every gate and its derivative for several temperatures;
+* ``plot-runs`` -- reward, entropy and EUR against the step of training runs;
+* ``evaluate`` -- benchmark accuracy (GSM8K, MATH500, AIME) of a model, in the layout of the paper's Table 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 
 import torch
@@ -61,8 +68,83 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_gates(args: argparse.Namespace) -> int:
+    from .plots import gate_curves, render_gates
+
+    _import_gate_modules(args.gate_module)
+    curves = gate_curves(args.gates, args.taus, epsilon=args.epsilon, r_max=args.r_max)
+    print(f"wrote {render_gates(curves, args.out)} ({', '.join(curves)}; tau in {', '.join(map(str, args.taus))})")
+    return 0
+
+
+def _plot_runs(args: argparse.Namespace) -> int:
+    from .plots import load_run, render_runs, run_curves
+
+    runs = [load_run(folder) for folder in args.run_dirs]
+    path = render_runs(run_curves(runs, args.smooth), args.out, window=args.smooth)
+    print(f"wrote {path} ({len(runs)} runs: {'; '.join(run.label for run in runs)})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .integrations import evaluate  # needs the trl extra (transformers, datasets)
+
+    evaluate.run(args)
+    return 0
+
+
+def _import_gate_modules(modules: list[str] | None) -> None:
+    # A module that calls fused_gates.register_gate on import makes its gates available by name.
+    for module in modules or []:
+        importlib.import_module(module)
+
+
+def _add_plot_gates(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("plot-gates", help="Figure 1: every gate and its derivative for several temperatures",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--taus", type=float, nargs="+", default=[1.0, 5.0, 10.0])
+    parser.add_argument("--gates", nargs="+", help="default: every registered gate (clip included)")
+    parser.add_argument("--gate-module", action="append", help="module to import first (it may register gates)")
+    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the clip gate")
+    parser.add_argument("--r-max", type=float, default=3.0, help="ratios on (0, r-max]")
+    parser.add_argument("--out", default="gates.png")
+    parser.set_defaults(handler=_plot_gates)
+
+
+def _add_plot_runs(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("plot-runs", help="reward, entropy and EUR against the step of training runs",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="output folders with metrics.csv or trainer_state.json")
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average window, in logged values (1: none)")
+    parser.add_argument("--out", default="runs.png")
+    parser.set_defaults(handler=_plot_runs)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("evaluate", help="benchmark accuracy with answers taken from the <answer> tags",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="model id or folder (the tiny local model's folder works)")
+    parser.add_argument("--benchmark", required=True, choices=["gsm8k", "math500", "aime"])
+    parser.add_argument("--dataset-file", help="local JSONL with the Hub dataset's columns instead of the Hub")
+    parser.add_argument("--hub-dataset", help="a Hub dataset with the same columns, e.g. HuggingFaceH4/aime_2024")
+    parser.add_argument("--split", help="dataset split (default: the benchmark's)")
+    parser.add_argument("--limit", type=int, help="first N problems only")
+    parser.add_argument("--num-samples", type=int, default=1, help="completions per problem")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
+    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                        help="auto: vLLM when installed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", help="the model's row name in the table (default: --model)")
+    parser.add_argument("--out", default="eval")
+    parser.set_defaults(handler=_evaluate)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fused-gates", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fused-gates", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="loss, EUR and gradients for a realistic lm_head on random inputs")
     demo.add_argument("--batch", type=int, default=8)
@@ -75,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--tau-neg", type=float, default=12.0)
     demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     demo.add_argument("--seed", type=int, default=0)
+    _add_plot_gates(sub)
+    _add_plot_runs(sub)
+    _add_evaluate(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         if args.command is None:
             args = parser.parse_args(["demo", *(argv or [])])
         return _demo(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -556,6 +556,8 @@ def train(settings: RunSettings) -> list[dict[str, float]]:
 
 
 def _write_reports(rows: list[dict[str, float]], output_dir: Path, settings: RunSettings) -> None:
+    # the resolved configuration, so that `fused-gates plot-runs` can label the run by gate and temperatures
+    (output_dir / "run_config.json").write_text(json.dumps(describe(settings), indent=1, default=str) + "\n")
     csv_path = write_metrics_csv(rows, output_dir / "metrics.csv")
     title = f"{settings.gate} (tau+ {settings.tau_pos:g}, tau- {settings.tau_neg:g})"
     if settings.gate == "clip":

@@ -1,0 +1,212 @@
+"""Figure data: the gate curves against the paper's formulas (eqs. 1, 3, 6-8), run curves against hand-smoothed logs."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from fused_gates import cli, unregister_gate
+from fused_gates.plots import gate_curves, load_run, moving_average, render_gates, run_curves, run_label
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RUNS = FIXTURES / "runs"
+SOFT_GATES = ("sigmoid", "erf", "arctan", "softsign")
+TAUS = (1.0, 5.0, 10.0)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def paper_value(gate: str, r: float, tau: float) -> float:
+    """The paper's f(r), written out independently of fused_gates.gates."""
+    u = r - 1
+    if gate == "sigmoid":  # eq. 3
+        return 4 / tau / (1 + math.exp(-tau * u))
+    if gate == "erf":  # eq. 6
+        c = math.sqrt(math.pi / (2 * tau**2))
+        return c * (1 + math.erf(tau * u / math.sqrt(2))) + 1 - c
+    if gate == "arctan":  # eq. 7
+        return 1 + math.atan(tau * u) / tau
+    return 1 + u / math.sqrt(1 + tau**2 * u**2)  # softsign, eq. 8
+
+
+def paper_derivative(gate: str, r: float, tau: float) -> float:
+    u = r - 1
+    if gate == "sigmoid":  # eq. 5 with f = 4 s / tau: 4 s (1 - s)
+        s = 1 / (1 + math.exp(-tau * u))
+        return 4 * s * (1 - s)
+    if gate == "erf":
+        return math.exp(-(tau**2) * u**2 / 2)
+    if gate == "arctan":
+        return 1 / (1 + tau**2 * u**2)
+    return (1 + tau**2 * u**2) ** -1.5
+
+
+@pytest.fixture(scope="module")
+def curves():
+    return gate_curves(taus=TAUS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figure 1
+
+
+def test_every_builtin_gate_is_plotted_by_default(curves) -> None:
+    assert {"clip", *SOFT_GATES} <= set(curves)
+    for gate in SOFT_GATES:
+        assert [curve.label for curve in curves[gate]] == ["tau = 1", "tau = 5", "tau = 10"]
+
+
+def test_ratio_grid_covers_zero_to_three_and_contains_one(curves) -> None:
+    ratio = curves["erf"][0].ratio
+    assert 0 < ratio[0] <= 0.01
+    assert ratio[-1] == 3.0
+    assert 1.0 in ratio
+    assert ratio == sorted(ratio)
+
+
+@pytest.mark.parametrize("gate", SOFT_GATES)
+def test_soft_gate_derivative_peaks_at_one_with_value_one(curves, gate: str) -> None:
+    for tau, curve in zip(TAUS, curves[gate], strict=True):
+        value, derivative = curve.at(1.0)
+        assert derivative == pytest.approx(1.0, abs=1e-12)
+        assert max(curve.derivative) == pytest.approx(1.0, abs=1e-12)
+        # The paper's sigmoid gate passes through (1, 2 / tau); the others are normalised through (1, 1).
+        assert value == pytest.approx(2 / tau if gate == "sigmoid" else 1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("gate", SOFT_GATES)
+def test_soft_gate_curves_follow_the_papers_formulas(curves, gate: str) -> None:
+    for tau, curve in zip(TAUS, curves[gate], strict=True):
+        for index in range(0, len(curve.ratio), 37):  # a spread of grid points
+            r = curve.ratio[index]
+            assert curve.value[index] == pytest.approx(paper_value(gate, r, tau), rel=1e-9, abs=1e-12)
+            assert curve.derivative[index] == pytest.approx(paper_derivative(gate, r, tau), rel=1e-9, abs=1e-12)
+
+
+def test_clip_is_piecewise_linear_per_advantage_sign(curves) -> None:
+    positive, negative = curves["clip"]
+    assert positive.label.startswith("A > 0") and negative.label.startswith("A < 0")
+    for index, r in enumerate(positive.ratio):
+        assert positive.value[index] == pytest.approx(min(r, 1.2))
+        assert positive.derivative[index] == (1.0 if r <= 1.2 else 0.0)
+        assert negative.value[index] == pytest.approx(max(r, 0.8))
+        assert negative.derivative[index] == (1.0 if r >= 0.8 else 0.0)
+
+
+def test_render_gates_writes_a_png(curves, tmp_path: Path) -> None:
+    path = render_gates({name: curves[name] for name in ("clip", "erf")}, tmp_path / "gates.png", dpi=40)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+CUSTOM_GATE_MODULE = '''
+import torch
+from fused_gates import register_gate
+
+# f'(r) = (1 + x^2)^-2 with x = tau (r - 1); f is its antiderivative through (1, 1).
+register_gate(
+    "cauchy2_plot_test",
+    value=lambda r, tau: 1 + ((tau * (r - 1)) / (1 + (tau * (r - 1)) ** 2) + torch.atan(tau * (r - 1))) / (2 * tau),
+    derivative=lambda r, tau: (1 + (tau * (r - 1)) ** 2) ** -2,
+)
+'''
+
+
+def test_plot_gates_command_imports_a_module_registering_a_gate(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "my_gates_for_plot.py").write_text(CUSTOM_GATE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "figure.png"
+    try:
+        argv = ["plot-gates", "--gate-module", "my_gates_for_plot", "--gates", "clip", "cauchy2_plot_test",
+                "--taus", "1", "5", "--out", str(out)]
+        assert cli.main(argv) == 0
+        curve = gate_curves(["cauchy2_plot_test"], taus=[5.0])["cauchy2_plot_test"][0]
+        assert curve.at(1.0) == pytest.approx((1.0, 1.0))
+    finally:
+        unregister_gate("cauchy2_plot_test")
+        sys.modules.pop("my_gates_for_plot", None)
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@pytest.mark.parametrize(("values", "window", "expected"), [
+    pytest.param([1.0, 2.0, 3.0, 4.0], 1, [1.0, 2.0, 3.0, 4.0], id="window-1-is-identity"),
+    pytest.param([1.0, 2.0, 3.0, 4.0], 2, [1.0, 1.5, 2.5, 3.5], id="window-2"),
+    pytest.param([0.0, 3.0, 6.0, 3.0], 3, [0.0, 1.5, 3.0, 4.0], id="window-3-short-start"),
+])
+def test_moving_average_is_trailing(values, window, expected) -> None:
+    assert moving_average(values, window) == pytest.approx(expected)
+
+
+def test_run_label_comes_from_the_run_config_else_the_folder_name() -> None:
+    assert run_label(RUNS / "erf-run") == "erf (tau+ 10, tau- 12)"
+    assert run_label(RUNS / "clip-trl") == "clip-trl"
+
+
+def test_smoothed_curves_of_a_metrics_csv_match_a_hand_computation() -> None:
+    curves = run_curves([load_run(RUNS / "erf-run")], window=2)
+    reward, entropy, eur = curves["reward"][0], curves["entropy"][0], curves["EUR"][0]
+    assert reward.label == "erf (tau+ 10, tau- 12)"
+    # rewards are logged on fresh batches only (steps 1, 3, 5): 0.0, 0.2, 0.6
+    assert reward.step == [1, 3, 5]
+    assert reward.y == pytest.approx([0.0, 0.1, 0.4])
+    assert entropy.step == [1, 2, 3, 4, 5, 6]
+    assert entropy.y == pytest.approx([3.0, 2.95, 2.85, 2.75, 2.65, 2.55])
+    # on-policy steps (every ratio exactly 1) leave EUR out: steps 2, 4, 6 with 0.5, 0.7, 0.9
+    assert eur.step == [2, 4, 6]
+    assert eur.y == pytest.approx([0.5, 0.6, 0.8])
+
+
+def test_trainer_state_log_history_is_read_without_the_summary_entry() -> None:
+    run = load_run(RUNS / "clip-trl")
+    assert [row["step"] for row in run.rows] == [1, 2]
+    reward = run_curves([run], window=2)["reward"][0]
+    assert reward.y == pytest.approx([0.25, 0.5])
+
+
+def test_plot_runs_command_writes_a_png(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "runs.png"
+    argv = ["plot-runs", str(RUNS / "erf-run"), str(RUNS / "clip-trl"), "--smooth", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert "erf (tau+ 10, tau- 12); clip-trl" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Toy study summary (docs/toy-study)
+
+
+def test_toy_study_summary_matches_a_hand_computed_table() -> None:
+    from fused_gates.integrations.toy_study import format_summary, read_rows, summarise
+
+    rows = read_rows(FIXTURES / "toy_runs.csv")
+    options = {"final_window": 2, "format_threshold": 0.25, "smooth": 2}
+    clip, erf = summarise(rows, **options)
+    # clip, per seed: final reward (last 2 logged) 0.4 / 0.5; format MA-2 reaches 0.25 at step 5 / 3;
+    # EUR over off-policy steps 0.7 / 0.6; entropy (last 2 logged) 2.55 / 2.1
+    assert (clip.gate, clip.seeds, clip.reached_format) == ("clip", 2, 2)
+    assert (clip.final_reward.mean, clip.final_reward.std) == pytest.approx((0.45, 0.0707107))
+    assert (clip.steps_to_format.mean, clip.steps_to_format.std) == pytest.approx((4.0, 1.4142136))
+    assert (clip.mean_eur.mean, clip.mean_eur.std) == pytest.approx((0.65, 0.0707107))
+    assert (clip.final_entropy.mean, clip.final_entropy.std) == pytest.approx((2.325, 0.3181981))
+    # erf: seed 0 never reaches the format threshold (0.1 throughout), seed 1 at step 3
+    assert (erf.reached_format, erf.steps_to_format.mean) == (1, 3.0)
+    assert (erf.final_reward.mean, erf.mean_eur.mean, erf.final_entropy.mean) == pytest.approx((0.55, 0.6, 3.0))
+    assert format_summary([clip, erf], **options).splitlines()[2:] == [
+        "| clip | 2 | 0.450 ± 0.071 | 4.0 ± 1.4 | 2/2 | 0.650 ± 0.071 | 2.325 ± 0.318 |",
+        "| erf | 2 | 0.550 ± 0.636 | 3.0 | 1/2 | 0.600 ± 0.283 | 3.000 ± 0.000 |",
+    ]
+
+
+def test_toy_study_rows_leave_on_policy_eur_empty() -> None:
+    from fused_gates.integrations.toy_study import collect_rows
+
+    rows = collect_rows([("erf", 0, RUNS / "erf-run")])
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["eur"] for row in rows][1::2] == [0.5, 0.7, 0.9]
+    assert all(math.isnan(row["eur"]) for row in rows[::2])
+    assert rows[4]["format_reward"] == 0.5
