@@ -16,10 +16,9 @@ Shapes by device (``FUSED_GATES_BENCH_DEVICE=cpu|cuda``, default CUDA when avail
 * CPU, float32: the 0.5B head; forward + backward at N = 512 and 2048 (B=8 x T=64 / 256, the last 1/8 of each
   row padding; N = 2048 is the headline comparison), forward at N = 2048, and the gate sweep (clip, sigmoid, erf,
   arctan, softsign; ours only) at N = 512. One timed round each: a step takes 1 to 35 s here, and the spread
-  between rounds is far below the differences between implementations. Expected duration on a 2-core machine:
-  about 9 minutes (estimated from the per-step times of the committed N = 2048 run: about 270 s of forward +
-  backward rounds at N = 2048 incl. the memory probes, 80 s at N = 512, 80 s of forward passes, 20 s of gate sweep,
-  plus about 5 s of process start-up per memory probe and the float32 references).
+  between rounds is far below the differences between implementations. Duration on this project's 2-core CPU
+  machine: 12.9 minutes with PyTorch's linear_cross_entropy at every shape (the committed results, 2026-11-28);
+  it is now measured at N = 512 only (it takes 30-80 s a step), which brings the run under 10 minutes.
 
 Each benchmark checks what its implementation computed on the benchmark's inputs (the loss for ``fwd_bwd``, the
 log-probs of the unpadded tokens for ``forward``) against the float32 reference of ``head_impls.reference_logprobs``
@@ -203,8 +202,22 @@ def _check(name: str, mode: str, gate: str, shape: Shape, result: torch.Tensor, 
     return {"value": value, "reference": expected, "error": error, "tolerance": tolerance}
 
 
+# PyTorch's chunked linear_cross_entropy takes 30-80 s a step here at N = 2048 (65 s at N = 512, memory 2-14 MiB in
+# the full run of 2026-11-28): measured on CPU at the smallest training shape only, without the memory probe, so
+# that the whole CPU run stays under 10 minutes.
+SLOW_ON_CPU = "torch_linear_cross_entropy"
+
+
+def _cpu_time_budget_skip(name: str, mode: str, shape: Shape) -> str | None:
+    smallest = min(s.tokens for s in SHAPES["fwd_bwd"])
+    if CUDA or SCALE != "full" or name != SLOW_ON_CPU or (mode == "fwd_bwd" and shape.tokens == smallest):
+        return None
+    return (f"{name} is measured on CPU at N = {smallest} (training step) only: 30-80 s a step at N = 2048 would "
+            "push the CPU run past 10 minutes")
+
+
 def _run(benchmark, mode: str, name: str, shape: Shape, gate: str = "sigmoid", sweep: bool = False) -> None:
-    reason = unavailable(name, mode, DEVICE)
+    reason = unavailable(name, mode, DEVICE) or _cpu_time_budget_skip(name, mode, shape)
     if reason:
         pytest.skip(reason)
     benchmark.group = f"gate sweep {shape.id}" if sweep else f"{mode} {shape.id}"
@@ -239,7 +252,7 @@ def _run(benchmark, mode: str, name: str, shape: Shape, gate: str = "sigmoid", s
     finally:
         case.reset()
     check = None if name == "floor" else _check(name, mode, gate, shape, result, case)
-    if not CUDA and CPU_MEMORY_PROBE and not sweep and not isinstance(check, str):
+    if not CUDA and CPU_MEMORY_PROBE and not sweep and name != SLOW_ON_CPU and not isinstance(check, str):
         peak = _probe_cpu_memory(name, mode, shape, gate)
     median = benchmark.stats.stats.median
     h, v = shape.head
