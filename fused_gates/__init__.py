@@ -1,17 +1,9 @@
 """fused-gates: the gated policy-gradient loss of LLM RL (GRPO, SAPO and the soft gates of "A Systematic Study of
 Gate Functions in SAPO") from last hidden states and the lm_head, without materialising the logits."""
 
+from .admissibility import GateAdmissibilityError, check_admissible
 from .api import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
-from .gates import (
-    Gate,
-    GateAdmissibilityError,
-    GateParameters,
-    available_gates,
-    check_admissible,
-    get_gate,
-    register_gate,
-    unregister_gate,
-)
+from .gates import Gate, GateParameters, available_gates, get_gate, register_gate, unregister_gate
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,8 @@ import time
 import torch
 
 from .api import gated_policy_loss, token_logprobs
+from .backend import CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
 from .gates import available_gates
-from .torch_backend import CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
 
 
 def _demo(args: argparse.Namespace) -> int:

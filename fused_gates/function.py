@@ -1,23 +1,31 @@
-"""The ``autograd.Function`` over the backends: loss from hidden states and the lm_head, gradients for both."""
+"""The ``autograd.Function`` over the backends: loss from hidden states and the lm_head, gradients for both.
+
+The forward usually forms the gradients already (the backends' three-product pass). Autograd semantics that
+follow from that:
+
+* the precomputed gradients are handed to the first backward and released, so that nothing the caller does to
+  ``.grad`` afterwards (accumulation, ``zero_()``) can touch a buffer this node still needs;
+* a repeated backward through a retained graph recomputes them from the saved per-token statistics (one more
+  product pass) and returns fresh tensors: three backwards give three times the gradient;
+* double backward (``create_graph=True``) is not supported (the gradient is the output of a fused pass, not of
+  differentiable operations) and raises at once rather than returning a gradient without a graph.
+"""
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from . import torch_backend
+from .backend import GradientNeeds, HeadSpec, SavedStatistics
 from .objective import ObjectiveConfig, TokenData
-from .torch_backend import GradientNeeds, HeadSpec
 
-
-def _backend_module(backend: str):
-    if backend == "torch":
-        return torch_backend
-    if backend == "triton":
-        from .kernels import launcher
-
-        return launcher
-    raise ValueError(f"unknown backend {backend!r}")
+DOUBLE_BACKWARD_ERROR = (
+    "gated_policy_loss: double backward (create_graph=True, e.g. a gradient penalty) is not supported: the loss's "
+    "gradient comes from a fused pass over the vocabulary, not from differentiable operations. Compute the penalty "
+    "on a loss built from materialised logits instead."
+)
 
 
 class GatedPolicyLossFunction(torch.autograd.Function):
@@ -40,67 +48,42 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         config: ObjectiveConfig,
         inv_temperature: float,
         memory_budget_mb: float,
-        backend: str,
+        backend: ModuleType,
     ):
         needs = GradientNeeds(*ctx.needs_input_grad[:3])
         head = HeadSpec(weight, bias, inv_temperature, memory_budget_mb)
-        impl = _backend_module(backend)
-        result = impl.loss_forward(hidden, targets, tokens, head, config, needs)
-
+        result = backend.loss_forward(hidden, targets, tokens, head, config, needs)
         terms = result.terms
-        acc = head.accumulate_dtype
-        loss = torch.stack([t.loss for t in terms]).sum() if terms else hidden.new_zeros((), dtype=acc)
 
-        def cat(name: str) -> Tensor:
-            parts = [getattr(t, name) for t in terms]
-            if not parts or parts[0] is None:
-                return hidden.new_empty(0, dtype=acc)
-            return torch.cat(parts)
-
-        ratio, gate_value, gate_grad, kl = cat("ratio"), cat("gate_value"), cat("gate_grad"), cat("kl")
-
-        ctx.impl = impl
-        ctx.head = head
+        ctx.backend = backend
+        ctx.options = (inv_temperature, memory_budget_mb)
         ctx.needs = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if result.gradients is not None:
-            ctx.precomputed = True
-            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in result.gradients))
-        else:
-            ctx.precomputed = False
-            ctx.has_entropy_grad = config.has_entropy_bonus
-            ctx.save_for_backward(
-                hidden,
-                targets,
-                result.log_sum_exp,
-                result.entropy,
-                result.grad_logprobs,
-                result.grad_entropy,
-            )
-        outputs = (result.logprobs, result.entropy, ratio, gate_value, gate_grad, kl)
+        ctx.gradients = result.gradients  # handed out (and released) by the first backward
+        saved = result.saved
+        ctx.chunks = saved.chunks
+        ctx.save_for_backward(
+            hidden, weight, bias, targets, saved.log_sum_exp, saved.entropy, saved.grad_logprobs, saved.grad_entropy
+        )
+        empty = terms.ratio.new_empty(0)
+        outputs = (result.logprobs, result.entropy, terms.ratio, terms.gate_value, terms.gate_grad,
+                   terms.kl if terms.kl is not None else empty)
         ctx.mark_non_differentiable(*outputs)
-        return (loss, *outputs)
+        return (terms.loss, *outputs)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *unused: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         needs: GradientNeeds = ctx.needs
-        if ctx.precomputed:
-            grads = list(ctx.saved_tensors)
-        else:
-            hidden, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
-            grads = list(
-                ctx.impl.recompute_gradients(
-                    hidden,
-                    targets,
-                    ctx.head,
-                    needs,
-                    lse,
-                    entropy,
-                    grad_logprobs,
-                    grad_entropy if ctx.has_entropy_grad else None,
-                )
-            )
-        # The forward formed d(loss) for a unit upstream gradient; scale by the actual one (a 0-dim tensor).
+        grads, ctx.gradients = ctx.gradients, None
+        if grads is None:
+            hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
+            head = HeadSpec(weight, bias, *ctx.options)
+            saved = SavedStatistics(lse, entropy, grad_logprobs, grad_entropy, ctx.chunks)
+            grads = ctx.backend.recompute_gradients(hidden, targets, head, needs, saved)
+        # The pass formed d(loss) for a unit upstream gradient; scale by the actual one (a 0-dim tensor) in place:
+        # the buffers belong to this call alone, and a second full-size copy of dW would cost memory.
         scale_is_one = (
             grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
         )
@@ -110,6 +93,6 @@ class GatedPolicyLossFunction(torch.autograd.Function):
                 out.append(None)
                 continue
             if not scale_is_one:
-                grad = grad * grad_loss.to(grad.dtype)  # not in place: a retained graph may run backward again
+                grad.mul_(grad_loss.to(grad.dtype))
             out.append(grad.to(dtype))
         return (*out, None, None, None, None, None, None)

@@ -1,4 +1,4 @@
-"""Gate functions f(r) of the policy objective and their derivatives f'(r).
+"""Gate functions f(r) of the policy objective, their derivatives f'(r), and the registry of gates by name.
 
 The objective of every supported method is ``-f(r) * A`` per token, where ``r`` is the importance ratio and
 ``A`` the advantage (paper eqs. 1-3). GRPO's clip and SAPO's sigmoid are two choices of ``f``; the paper adds
@@ -8,7 +8,7 @@ erf, arctan and softsign (eqs. 6-8). With ``u = r - 1`` and ``x = tau * u``:
 gate      f(r)                                            f'(r)
 ========  ==============================================  ==========================
 sigmoid   sigmoid(x) * 4 / tau                            4 sigmoid(x) sigmoid(-x)
-erf       c (1 + erf(x / sqrt 2)) + 1 - c, c = sqrt(pi/2) / tau   exp(-x^2 / 2)
+erf       1 + c erf(x / sqrt 2),  c = sqrt(pi/2) / tau    exp(-x^2 / 2)
 arctan    1 + atan(x) / tau                               1 / (1 + x^2)
 softsign  1 + u / sqrt(1 + x^2)                           (1 + x^2)^(-3/2)
 clip      min(r, 1 + eps_high) if A > 0 else max(r, 1 - eps_low)   1[r <= 1 + eps_high] if A > 0,
@@ -19,8 +19,11 @@ The soft gates take ``tau = tau_pos`` where ``A > 0`` and ``tau = tau_neg`` othe
 For clip at ``A = 0`` the loss and its gradient vanish whatever f' is; f' = 1 there so that the Effective Update
 Ratio equals ``1 - clip_ratio/region_mean`` exactly as TRL counts clipped tokens (only ``A != 0`` tokens clip).
 
-Formulas are written to stay finite for ratios up to float32's range: ``x / hypot(1, x)`` instead of
-``x / sqrt(1 + x^2)`` (whose square overflows first), ``sigmoid(x) sigmoid(-x)`` instead of ``s (1 - s)``.
+Formulas are written to stay finite and accurate over the whole reachable range of ratios (``exp(+-80)``, see
+:data:`MAX_LOG_RATIO`) and of temperatures: ``1 + c erf(.)`` is the paper's ``c (1 + erf(.)) + 1 - c`` without
+the cancellation of ``c - c`` that loses every digit when ``c`` is large (small tau); ``x / hypot(1, x)`` instead
+of ``x / sqrt(1 + x^2)`` (whose square overflows first); ``sigmoid(x) sigmoid(-x)`` instead of ``s (1 - s)``.
+The Triton forms of the same formulas are in ``fused_gates.kernels.gates``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from torch import Tensor
 
 GateFunction = Callable[[Tensor, Tensor], Tensor]
 """``(ratio, tau) -> tensor``: a gate's value or derivative, elementwise, ``tau`` broadcast to ``ratio``."""
+
+MAX_LOG_RATIO = 80.0
+"""Log-ratios (and the KL's ``ref - logp``) are clamped to +-80 before exponentiation: exp(80) = 5.5e34 keeps
+``A * r`` finite in float32, whereas exp(89) is already infinite. Gates are therefore evaluated on
+``[exp(-80), exp(80)]`` and are checked on all of it when registered."""
 
 BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4}
 CUSTOM_KERNEL_ID = 5
@@ -72,6 +80,13 @@ class Gate:
     def is_clip(self) -> bool:
         return self.kernel_id == BUILTIN_KERNEL_IDS["clip"]
 
+    @property
+    def runs_in_kernels(self) -> bool:
+        """Whether the Triton kernels can evaluate this gate (built-in, or custom with its Triton pair)."""
+        return self.kernel_id != CUSTOM_KERNEL_ID or (
+            self.triton_value is not None and self.triton_derivative is not None
+        )
+
     def evaluate(self, ratio: Tensor, advantages: Tensor, params: GateParameters) -> tuple[Tensor, Tensor]:
         """``(f(r), f'(r))`` per token, with the temperature chosen by the sign of the advantage."""
         tau = torch.full_like(ratio, params.tau_neg).masked_fill_(advantages > 0, params.tau_pos)
@@ -104,8 +119,9 @@ def _sigmoid_derivative(ratio: Tensor, tau: Tensor) -> Tensor:
 
 
 def _erf_value(ratio: Tensor, tau: Tensor) -> Tensor:
-    c = math.sqrt(math.pi / 2) / tau
-    return c * (1 + torch.erf(tau * (ratio - 1) / math.sqrt(2))) + 1 - c
+    # c (1 + erf) + 1 - c == 1 + c erf: the paper's form cancels c - c (relative error 1e-3 at tau = 1e-6 in
+    # float32); this one is exact as tau -> 0, where c erf(tau u / sqrt 2) -> u.
+    return 1 + (math.sqrt(math.pi / 2) / tau) * torch.erf(tau * (ratio - 1) / math.sqrt(2))
 
 
 def _erf_derivative(ratio: Tensor, tau: Tensor) -> Tensor:
@@ -144,100 +160,6 @@ _BUILTIN_GATES: dict[str, Gate] = {
 _REGISTRY: dict[str, Gate] = dict(_BUILTIN_GATES)
 
 
-class GateAdmissibilityError(ValueError):
-    """A gate violates one of the paper's admissibility properties (i)-(iv); the message names which and where."""
-
-
-def _check_grid() -> Tensor:
-    # Fine steps where f' changes fastest (around r = 1 for tau up to ~20), geometric steps out to 1e8 for (iv).
-    near = torch.linspace(1e-4, 4.0, 40_000, dtype=torch.float64)
-    far = torch.logspace(math.log10(4.0), 8.0, 2_000, dtype=torch.float64)
-    one = torch.ones(1, dtype=torch.float64)
-    return torch.unique(torch.cat([near, one, far]))
-
-
-def check_admissible(name: str, value: GateFunction, derivative: GateFunction, taus: Sequence[float]) -> None:
-    """Check the paper's properties (section 4) numerically in float64 on r in (0, 1e8], for each tau.
-
-    (i) f is continuously differentiable: f' is finite, agrees with central differences of f, and has no jump
-        larger than 0.01 between neighbouring grid points 1e-4 apart;
-    (ii) f' attains its global maximum 1 at r = 1;
-    (iii) f' is non-decreasing on (0, 1] and non-increasing on [1, inf);
-    (iv) f'(r) r -> 0 as r -> inf: at most 1e-2 at r = 1e8 and non-increasing over r in [1e6, 1e8].
-
-    Raises :class:`GateAdmissibilityError` naming the first property that fails, the tau and the ratio.
-    """
-    r = _check_grid()
-    for tau_value in taus:
-        tau = torch.full_like(r, float(tau_value))
-
-        def fail(prop: str, where: float, detail: str, tau_value: float = tau_value) -> GateAdmissibilityError:
-            return GateAdmissibilityError(
-                f"gate {name!r} violates admissibility property {prop} at r={where:.6g}, tau={tau_value:g}: {detail}"
-            )
-
-        with torch.no_grad():
-            f = value(r, tau).to(torch.float64)
-            df = derivative(r, tau).to(torch.float64)
-        if f.shape != r.shape or df.shape != r.shape:
-            raise GateAdmissibilityError(f"gate {name!r}: value and derivative must be elementwise (shape of r)")
-
-        bad = ~(torch.isfinite(f) & torch.isfinite(df))
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise fail("(i) (continuously differentiable)", r[i].item(), "f or f' is not finite")
-        near = r <= 4.0
-        jumps = (df[near][1:] - df[near][:-1]).abs()
-        if (jumps > 1e-2).any():
-            i = int((jumps > 1e-2).nonzero()[0])
-            raise fail("(i) (continuously differentiable)", r[near][i].item(), f"f' jumps by {jumps[i].item():.3g}")
-        h = 1e-6
-        probe = torch.linspace(0.05, 3.0, 591, dtype=torch.float64)
-        probe_tau = torch.full_like(probe, float(tau_value))
-        with torch.no_grad():
-            central = (value(probe + h, probe_tau) - value(probe - h, probe_tau)).to(torch.float64) / (2 * h)
-            stated = derivative(probe, probe_tau).to(torch.float64)
-        mismatch = (central - stated).abs() > 1e-4 * (1 + stated.abs())
-        if mismatch.any():
-            i = int(mismatch.nonzero()[0])
-            raise fail(
-                "(i) (continuously differentiable)",
-                probe[i].item(),
-                f"the derivative {stated[i].item():.6g} does not match the value's slope {central[i].item():.6g}",
-            )
-
-        at_one = df[r == 1.0]
-        if (at_one - 1).abs().max() > 1e-6:
-            raise fail("(ii) (f' has its maximum 1 at r = 1)", 1.0, f"f'(1) = {at_one.item():.6g}")
-        above = df > 1 + 1e-9
-        if above.any():
-            i = int(above.nonzero()[0])
-            raise fail("(ii) (f' has its maximum 1 at r = 1)", r[i].item(), f"f' = {df[i].item():.6g} > 1")
-
-        step = df[1:] - df[:-1]
-        rising_left = (r[1:] <= 1.0) & (step < -1e-12)
-        falling_right = (r[:-1] >= 1.0) & (step > 1e-12)
-        for wrong, side in ((rising_left, "below"), (falling_right, "above")):
-            if wrong.any():
-                i = int(wrong.nonzero()[0])
-                raise fail(
-                    "(iii) (f' decreases monotonically away from r = 1)",
-                    r[i].item(),
-                    f"f' is not monotone {side} 1: f'({r[i].item():.6g})={df[i].item():.6g}, "
-                    f"f'({r[i + 1].item():.6g})={df[i + 1].item():.6g}",
-                )
-
-        tail_r = torch.tensor([1e6, 1e7, 1e8], dtype=torch.float64)
-        with torch.no_grad():
-            tail = derivative(tail_r, torch.full_like(tail_r, float(tau_value))).to(torch.float64) * tail_r
-        if not torch.isfinite(tail).all() or tail[-1] > 1e-2 or (tail[1:] > tail[:-1] + 1e-12).any():
-            raise fail(
-                "(iv) (f'(r) r -> 0 as r -> inf)",
-                1e8,
-                "f'(r) r at r = 1e6, 1e7, 1e8: " + ", ".join(f"{t:.3g}" for t in tail.tolist()),
-            )
-
-
 def register_gate(
     name: str,
     value: GateFunction,
@@ -252,10 +174,13 @@ def register_gate(
 
     ``value(r, tau)`` and ``derivative(r, tau)`` are elementwise torch functions; ``tau`` is a tensor of the
     per-token temperature (``tau_pos`` where the advantage is positive, ``tau_neg`` otherwise). The pair is checked
-    against the paper's properties (i)-(iv) for every tau in ``check_taus`` (see :func:`check_admissible`).
-    ``triton_value`` / ``triton_derivative`` (``@triton.jit`` functions of ``(ratio, tau)``) let the Triton backend
-    fuse the gate into its kernels. Returns the :class:`Gate`, also usable directly as ``gate=``.
+    against the paper's properties (i)-(iv) for every tau in ``check_taus``, and for finite values over every ratio
+    the loss can reach (see :func:`fused_gates.check_admissible`). ``triton_value`` / ``triton_derivative``
+    (``@triton.jit`` functions of ``(ratio, tau)``) let the Triton backend fuse the gate into its kernels. Returns
+    the :class:`Gate`, also usable directly as ``gate=``.
     """
+    from .admissibility import check_admissible
+
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
     if name in _BUILTIN_GATES:
@@ -288,11 +213,11 @@ def get_gate(gate: str | Gate) -> Gate:
     if isinstance(gate, Gate):
         return gate
     if not isinstance(gate, str):
-        raise TypeError(f"gate must be a gate name or a Gate, got {type(gate).__name__}")
+        raise TypeError(f"gate: expected a gate name or a Gate, got {type(gate).__name__}")
     try:
         return _REGISTRY[gate]
     except KeyError:
-        raise ValueError(f"unknown gate {gate!r}; registered gates: {', '.join(sorted(_REGISTRY))}") from None
+        raise ValueError(f"gate: unknown gate {gate!r}; registered gates: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def available_gates() -> list[str]:

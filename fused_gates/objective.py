@@ -17,7 +17,8 @@ and at sequence level, where ``log r_i = sum_s m_s (logp_s - old_s) / n_i`` is s
     g_t = (m_t / n_i) r_i sum_{s in i} w_s (-A_s f'(r_i) [+ beta kl_s]) + w_t beta dkl_t [r_i]
 
 with ``kl = exp(ref - logp) - (ref - logp) - 1`` (k3) and ``dkl = d kl / d logp = 1 - exp(ref - logp)``.
-Both backends call :func:`evaluate_objective` on the tokens of a chunk (whole rows at sequence level).
+Both backends call :func:`evaluate_objective` on the tokens of a chunk (whole rows at sequence level); the Triton
+row kernel carries the token-level formulas in its epilogue (``fused_gates.kernels.row_kernels``).
 """
 
 from __future__ import annotations
@@ -27,24 +28,28 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .gates import Gate, GateParameters
+from .gates import MAX_LOG_RATIO, Gate, GateParameters
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
-MAX_LOG_RATIO = 80.0
-"""Log-ratios (and the KL's ``ref - logp``) are clamped to +-80 before exponentiation: exp(80) = 5.5e34 keeps
-``A * r`` finite in float32, whereas exp(89) is already infinite."""
-
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
+    """What the per-token objective computes (everything but the tokens themselves)."""
+
     gate: Gate
     params: GateParameters
     sequence_level: bool
     beta: float
     use_bias_correction_kl: bool
     has_entropy_bonus: bool
+
+    @property
+    def needs_whole_rows(self) -> bool:
+        """Whether a token's gradient coefficient depends on other tokens of its row (then a chunk must hold whole
+        rows, or the backward recomputes)."""
+        return self.sequence_level
 
 
 @dataclass
@@ -61,6 +66,10 @@ class TokenData:
     row: Tensor  # int64: the sequence (row of the batch) of each token
     row_share: Tensor  # m_t / n_i: d log r_i / d logp_t at sequence level
     num_rows: int
+
+    @property
+    def count(self) -> int:
+        return self.advantages.shape[0]
 
     def select(self, rows: slice) -> TokenData:
         """The tokens ``rows`` (a contiguous range of the compacted tokens)."""
@@ -82,6 +91,29 @@ class TokenTerms:
     gate_value: Tensor
     gate_grad: Tensor
     kl: Tensor | None  # the KL term of the loss (times r with bias correction)
+
+    @staticmethod
+    def concatenate(parts: list[TokenTerms], like: Tensor) -> TokenTerms:
+        """The terms of consecutive chunks as one (``like``: an empty-safe template for dtype and device)."""
+        if not parts:
+            empty = like.new_empty(0)
+            return TokenTerms(like.new_zeros(()), empty, empty, empty, empty, empty, None)
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return TokenTerms(
+            loss=torch.stack([p.loss for p in parts]).sum(),
+            grad_logprobs=cat("grad_logprobs"),
+            grad_entropy=cat("grad_entropy"),
+            ratio=cat("ratio"),
+            gate_value=cat("gate_value"),
+            gate_grad=cat("gate_grad"),
+            kl=cat("kl"),
+        )
 
 
 def aggregation_weights(
@@ -133,10 +165,9 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
             loss_grad_ratio = loss_grad_ratio + config.beta * kl
             local_grad = config.beta * kl_grad * ratio
             kl = kl * ratio  # the term in the loss, as TRL logs it
-            per_token_loss = per_token_loss + config.beta * kl
         else:
-            per_token_loss = per_token_loss + config.beta * kl
             local_grad = config.beta * kl_grad
+        per_token_loss = per_token_loss + config.beta * kl
 
     weight = tokens.loss_weight
     loss = (weight * per_token_loss).sum()

@@ -26,99 +26,59 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .backend import (
+    VOCAB_BLOCK,
+    GradientNeeds,
+    Gradients,
+    HeadSpec,
+    LossForward,
+    ProductOperands,
+    SavedStatistics,
+    addmm_into,
+    mm_into,
+    plan_chunk_tokens,
+    row_aligned_chunks,
+    saved_statistics,
+    token_chunks,
+)
 from .objective import ObjectiveConfig, TokenData, TokenTerms, evaluate_objective
 
-CPU_MEMORY_BUDGET_MB = 128.0
-"""Working buffers on CPU: 128 MiB keeps the loss within 1.04x of the three-product floor at Qwen2.5-0.5B's head
-(2,048 tokens, 2 cores) with 4.7% of the materialised-logits version's extra memory (benchmarks/results/)."""
-GPU_MEMORY_BUDGET_MB = 768.0
-"""On GPU each chunk also round-trips the float32 dW accumulator, so larger chunks pay off; 768 MiB keeps the
-loss's working memory under 1 GiB."""
+NAME = "torch"
 
 
-def default_memory_budget_mb(device: torch.device) -> float:
-    return GPU_MEMORY_BUDGET_MB if device.type == "cuda" else CPU_MEMORY_BUDGET_MB
-VOCAB_BLOCK = 2048
-"""Columns per elementwise step: a ``chunk x 2048`` float32 block stays in cache across its few passes."""
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """The lm_head and how to evaluate it: ``z = (hidden W^T + bias) / temperature``."""
-
-    weight: Tensor  # [V, H]
-    bias: Tensor | None  # [V]
-    inv_temperature: float
-    memory_budget_mb: float
-
-    @property
-    def vocab(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def accumulate_dtype(self) -> torch.dtype:
-        """float32 statistics and gradients, float64 for float64 inputs (gradcheck, references)."""
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-
-
-@dataclass(frozen=True)
-class GradientNeeds:
-    hidden: bool
-    weight: bool
-    bias: bool
-
-    @property
-    def any(self) -> bool:
-        return self.hidden or self.weight or self.bias
-
-
-def plan_chunk_tokens(num_tokens: int, vocab: int, memory_budget_mb: float, extra_bytes_per_logit: int = 0) -> int:
-    """Tokens per chunk so that the chunk's ``n x V`` float32 logits (plus ``extra_bytes_per_logit``, e.g. a
-    low-precision copy for the backward products) fit the budget; at least 1, at most ``num_tokens``."""
-    per_token = vocab * (4 + extra_bytes_per_logit) + 2 * min(VOCAB_BLOCK, vocab) * 4
-    budget = int(memory_budget_mb * 2**20)
-    return max(1, min(num_tokens, budget // per_token))
-
-
-def mm_into_fp32(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``out = a @ b`` for a float32 (or float64) ``out`` without rounding the product to a low-precision dtype."""
-    if a.dtype == out.dtype and b.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
-    if out.device.type == "cuda":
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        except (TypeError, RuntimeError):
-            pass
-    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
-
-
-def addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` accumulated in float32 (rounding each chunk's product to bf16 biases the sum)."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.device.type == "cuda":
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError):
-            pass
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
+    """The torch backend runs every input (any device, any dtype, every gate)."""
+    return None
 
 
 class _ChunkWorkspace:
     """Buffers reused by every chunk: fresh multi-hundred-MB allocations would page-fault on each chunk."""
 
-    def __init__(self, rows: int, head: HeadSpec, device: torch.device, low_precision: torch.dtype | None):
+    def __init__(self, rows: int, head: HeadSpec, device: torch.device, with_grad: bool):
         acc = head.accumulate_dtype
+        self.operands = ProductOperands(head.weight, acc)
         self.logits = torch.empty(rows, head.vocab, device=device, dtype=acc)
         block = min(VOCAB_BLOCK, head.vocab)
         self.block_a = torch.empty(rows, block, device=device, dtype=acc)
         self.block_b = torch.empty(rows, block, device=device, dtype=acc)
-        self.low_precision = (
-            torch.empty(rows, head.vocab, device=device, dtype=low_precision) if low_precision is not None else None
-        )
+        # The backward products take dz in the weight's dtype when float32-output products of that dtype exist.
+        low = self.operands.operand_dtype
+        with_copy = with_grad and low != acc
+        self.low_precision = torch.empty(rows, head.vocab, device=device, dtype=low) if with_copy else None
         self.scaled_bias = None if head.bias is None else head.bias.to(acc) * head.inv_temperature
+
+    def dz_operand(self, matrix: Tensor) -> Tensor:
+        """The chunk's ``n x V`` float32 matrix as the backward products take it."""
+        if self.low_precision is None:
+            return matrix
+        return self.low_precision[: matrix.shape[0]].copy_(matrix)
+
+
+def _workspace_for(num_tokens: int, head: HeadSpec, device, with_grad: bool) -> tuple[int, _ChunkWorkspace]:
+    low_precision_copy = with_grad and head.weight.dtype != head.accumulate_dtype
+    extra = 2 if low_precision_copy else 0
+    rows = plan_chunk_tokens(num_tokens, head.vocab, head.memory_budget_mb, extra_bytes_per_logit=extra)
+    return rows, _ChunkWorkspace(rows, head, device, with_grad)
 
 
 @dataclass
@@ -132,9 +92,11 @@ class _ChunkStatistics:
 
 
 def _chunk_logits(ws: _ChunkWorkspace, hidden: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor]:
+    """``z`` of the chunk in the buffer, and ``h / T`` (the small operand the products take)."""
     n = hidden.shape[0]
     scaled_hidden = hidden * head.inv_temperature if head.inv_temperature != 1.0 else hidden
-    logits = mm_into_fp32(ws.logits[:n], scaled_hidden, head.weight.t())
+    scaled_hidden = ws.operands.cast(scaled_hidden)
+    logits = mm_into(ws.logits[:n], scaled_hidden, ws.operands.weight.t())
     if ws.scaled_bias is not None:
         logits.add_(ws.scaled_bias)
     return logits, scaled_hidden
@@ -169,13 +131,6 @@ def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep
     )
 
 
-def _probabilities_inplace(logits: Tensor, log_sum_exp: Tensor) -> Tensor:
-    lse_col = log_sum_exp.unsqueeze(1)
-    for start in range(0, logits.shape[1], VOCAB_BLOCK):
-        logits[:, start : start + VOCAB_BLOCK].sub_(lse_col).exp_()
-    return logits
-
-
 def _entropy_grad_inplace(
     logits: Tensor, log_sum_exp: Tensor, mean_logit: Tensor, grad_logprobs: Tensor, grad_entropy: Tensor,
     ws: _ChunkWorkspace,
@@ -199,16 +154,17 @@ class _GradientAccumulator:
 
     Without an entropy term ``M = exp(z - max)`` (left by the statistics pass) and ``row_scale = -g / S``, so the
     products run on ``M`` directly and the scales apply to the small ``[n, H]`` operands: no pass over the
-    ``n x V`` buffer is needed to form ``dz``. The one-hot part costs a gather / scatter of ``n`` rows of W.
+    ``n x V`` buffer is needed to form ``dz``. The one-hot part costs a gather / scatter of ``n`` rows of W. The
+    first chunk writes dW instead of adding to zeros (one read of the accumulator less).
     """
 
     def __init__(self, num_tokens: int, hidden_size: int, head: HeadSpec, needs: GradientNeeds, device):
         self.head = head
-        self.needs = needs
         acc = head.accumulate_dtype
         self.hidden = torch.zeros(num_tokens, hidden_size, device=device, dtype=acc) if needs.hidden else None
-        self.weight = torch.zeros(head.weight.shape, device=device, dtype=acc) if needs.weight else None
+        self.weight = torch.empty(head.weight.shape, device=device, dtype=acc) if needs.weight else None
         self.bias = torch.zeros(head.vocab, device=device, dtype=acc) if needs.bias else None
+        self._weight_written = False
 
     def add(
         self,
@@ -220,14 +176,13 @@ class _GradientAccumulator:
         scaled_hidden: Tensor,
         ws: _ChunkWorkspace,
     ) -> None:
-        weight, inv_t = self.head.weight, self.head.inv_temperature
+        inv_t = self.head.inv_temperature
+        weight = ws.operands.weight
         acc = matrix.dtype
-        operand = matrix
-        if weight.dtype != acc and ws.low_precision is not None:
-            operand = ws.low_precision[: matrix.shape[0]].copy_(matrix)
+        operand = ws.dz_operand(matrix) if self.hidden is not None or self.weight is not None else matrix
         target_col = target_grad.unsqueeze(1)
         if self.hidden is not None:
-            dh = mm_into_fp32(self.hidden[rows], operand, weight)
+            dh = mm_into(self.hidden[rows], operand, weight)
             if row_scale is not None:
                 dh.mul_(row_scale.unsqueeze(1))
             dh.add_(weight.index_select(0, targets).to(acc) * target_col)
@@ -237,19 +192,18 @@ class _GradientAccumulator:
             rhs = scaled_hidden
             if row_scale is not None:
                 rhs = scaled_hidden * row_scale.unsqueeze(1).to(scaled_hidden.dtype)
-            addmm_fp32(self.weight, operand.t(), rhs)
+            addmm_into(self.weight, operand.t(), rhs, overwrite=not self._weight_written)
+            self._weight_written = True
             self.weight.index_add_(0, targets, scaled_hidden.to(acc) * target_col)
         if self.bias is not None:
             scale = row_scale if row_scale is not None else matrix.new_ones(matrix.shape[0])
             self.bias.add_(matrix.t().mv(scale), alpha=inv_t)
             self.bias.index_add_(0, targets, target_grad * inv_t)
 
-
-def _workspace_for(num_tokens: int, head: HeadSpec, device, with_low_precision: bool) -> tuple[int, _ChunkWorkspace]:
-    low = head.weight.dtype if with_low_precision and head.weight.dtype != head.accumulate_dtype else None
-    extra = 2 if low is not None else 0
-    rows = plan_chunk_tokens(num_tokens, head.vocab, head.memory_budget_mb, extra_bytes_per_logit=extra)
-    return rows, _ChunkWorkspace(rows, head, device, low)
+    def result(self) -> Gradients:
+        if self.weight is not None and not self._weight_written:
+            self.weight.zero_()
+        return self.hidden, self.weight, self.bias
 
 
 @torch.no_grad()
@@ -259,48 +213,39 @@ def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tup
     out = [hidden.new_empty(num_tokens, dtype=head.accumulate_dtype) for _ in range(3)]
     if num_tokens == 0:
         return out[0], out[1], out[2]
-    rows, ws = _workspace_for(num_tokens, head, hidden.device, with_low_precision=False)
-    for start in range(0, num_tokens, rows):
-        chunk = slice(start, min(start + rows, num_tokens))
+    rows, ws = _workspace_for(num_tokens, head, hidden.device, with_grad=False)
+    for chunk in token_chunks(num_tokens, rows):
         logits, _ = _chunk_logits(ws, hidden[chunk], head)
         stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=False)
         out[0][chunk], out[1][chunk], out[2][chunk] = stats.logprobs, stats.entropy, stats.log_sum_exp
     return out[0], out[1], out[2]
 
 
-@dataclass
-class LossForward:
-    """The forward's per-token results and what its backward needs."""
-
-    logprobs: Tensor
-    entropy: Tensor
-    terms: list[TokenTerms]
-    gradients: tuple[Tensor | None, Tensor | None, Tensor | None] | None  # computed in the forward pass
-    log_sum_exp: Tensor | None = None  # for a recomputing backward
-    grad_logprobs: Tensor | None = None
-    grad_entropy: Tensor | None = None
-
-
-def row_aligned_chunks(tokens: TokenData, rows: int, sequence_level: bool) -> list[slice] | None:
-    """Chunk boundaries of at most ``rows`` tokens; at sequence level they must fall between rows of the batch
-    (``None`` when one row alone exceeds a chunk)."""
-    num_tokens = tokens.advantages.shape[0]
-    if not sequence_level:
-        return [slice(s, min(s + rows, num_tokens)) for s in range(0, num_tokens, rows)]
-    counts = torch.bincount(tokens.row, minlength=tokens.num_rows).tolist()
-    chunks, start, size = [], 0, 0
-    for count in counts:
-        if count > rows:
-            return None
-        if size + count > rows:
-            chunks.append(slice(start, start + size))
-            start, size = start + size, 0
-        size += count
-    if size:
-        chunks.append(slice(start, start + size))
-    return chunks
+def _chunk_gradient(
+    ws: _ChunkWorkspace,
+    grads: _GradientAccumulator,
+    chunk: slice,
+    hidden: Tensor,
+    targets: Tensor,
+    head: HeadSpec,
+    with_entropy: bool,
+    coefficients: Callable[[_ChunkStatistics], tuple[Tensor, Tensor | None]],
+) -> _ChunkStatistics:
+    """One chunk of the three-product pass: logits, statistics, the gradient coefficients ``(g, e)`` that
+    ``coefficients`` gives for them, and the gradient products. The forward and a recomputing backward both run this,
+    so a repeated backward reproduces the forward's gradient bit for bit."""
+    logits, scaled_hidden = _chunk_logits(ws, hidden[chunk], head)
+    stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=not with_entropy)
+    g, e = coefficients(stats)
+    if with_entropy:
+        matrix, row_scale = _entropy_grad_inplace(logits, stats.log_sum_exp, stats.mean_logit, g, e, ws), None
+    else:
+        matrix, row_scale = logits, -g / stats.sum_exp  # logits now hold exp(z - max)
+    grads.add(chunk, matrix, row_scale, g, targets[chunk], scaled_hidden, ws)
+    return stats
 
 
+@torch.no_grad()
 def loss_forward(
     hidden: Tensor,
     targets: Tensor,
@@ -308,66 +253,56 @@ def loss_forward(
     head: HeadSpec,
     config: ObjectiveConfig,
     needs: GradientNeeds,
-    objective: Callable[[Tensor, Tensor, TokenData, ObjectiveConfig], TokenTerms] = evaluate_objective,
 ) -> LossForward:
     """Statistics, objective and (when the chunks allow it) the gradients in one pass over the vocabulary."""
     num_tokens = hidden.shape[0]
-    rows, ws = _workspace_for(max(num_tokens, 1), head, hidden.device, with_low_precision=needs.any)
-    chunks = row_aligned_chunks(tokens, rows, config.sequence_level) if num_tokens else []
-    logprobs = hidden.new_empty(num_tokens, dtype=head.accumulate_dtype)
-    entropy = hidden.new_empty(num_tokens, dtype=head.accumulate_dtype)
+    rows, ws = _workspace_for(max(num_tokens, 1), head, hidden.device, with_grad=needs.any)
+    chunks = row_aligned_chunks(tokens, rows, config) if num_tokens else []
 
     if chunks is None or not needs.any:
         # Statistics for every token first; the gradient (if any) is recomputed in backward.
+        del ws
         logprobs, entropy, log_sum_exp = logprobs_and_entropy(hidden, targets, head)
-        terms = objective(logprobs, entropy, tokens, config)
-        return LossForward(logprobs, entropy, [terms], None, log_sum_exp, terms.grad_logprobs, terms.grad_entropy)
+        terms = evaluate_objective(logprobs, entropy, tokens, config)
+        return LossForward(logprobs, entropy, terms, saved_statistics(log_sum_exp, entropy, terms, config), None)
 
+    acc = head.accumulate_dtype
+    logprobs = hidden.new_empty(num_tokens, dtype=acc)
+    entropy = hidden.new_empty(num_tokens, dtype=acc)
+    log_sum_exp = hidden.new_empty(num_tokens, dtype=acc)
     grads = _GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
-    all_terms = []
-    with torch.no_grad():
-        for chunk in chunks:
-            logits, scaled_hidden = _chunk_logits(ws, hidden[chunk], head)
-            stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=not config.has_entropy_bonus)
-            logprobs[chunk], entropy[chunk] = stats.logprobs, stats.entropy
-            terms = objective(stats.logprobs, stats.entropy, tokens.select(chunk), config)
-            all_terms.append(terms)
-            g = terms.grad_logprobs
-            if config.has_entropy_bonus:
-                matrix = _entropy_grad_inplace(logits, stats.log_sum_exp, stats.mean_logit, g, terms.grad_entropy, ws)
-                row_scale = None
-            else:
-                matrix, row_scale = logits, -g / stats.sum_exp  # logits now hold exp(z - max)
-            grads.add(chunk, matrix, row_scale, g, targets[chunk], scaled_hidden, ws)
-    return LossForward(logprobs, entropy, all_terms, (grads.hidden, grads.weight, grads.bias))
+    parts = []
+    for chunk in chunks:
+
+        def objective(stats: _ChunkStatistics, chunk: slice = chunk) -> tuple[Tensor, Tensor]:
+            terms = evaluate_objective(stats.logprobs, stats.entropy, tokens.select(chunk), config)
+            parts.append(terms)
+            return terms.grad_logprobs, terms.grad_entropy
+
+        stats = _chunk_gradient(ws, grads, chunk, hidden, targets, head, config.has_entropy_bonus, objective)
+        logprobs[chunk], entropy[chunk], log_sum_exp[chunk] = stats.logprobs, stats.entropy, stats.log_sum_exp
+    terms = TokenTerms.concatenate(parts, logprobs)
+    saved = saved_statistics(log_sum_exp, entropy, terms, config, chunks)
+    return LossForward(logprobs, entropy, terms, saved, grads.result())
 
 
 @torch.no_grad()
 def recompute_gradients(
-    hidden: Tensor,
-    targets: Tensor,
-    head: HeadSpec,
-    needs: GradientNeeds,
-    log_sum_exp: Tensor,
-    entropy: Tensor,
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The backward that recomputes each chunk's logits from saved ``lse`` and ``H``."""
+    hidden: Tensor, targets: Tensor, head: HeadSpec, needs: GradientNeeds, saved: SavedStatistics
+) -> Gradients:
+    """The backward that recomputes each chunk's logits and statistics and takes the saved coefficients ``g``, ``e``
+    (in the forward's chunks when it formed the gradients, so that the result is the same)."""
     num_tokens = hidden.shape[0]
     grads = _GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
     if num_tokens == 0:
-        return grads.hidden, grads.weight, grads.bias
-    rows, ws = _workspace_for(num_tokens, head, hidden.device, with_low_precision=True)
-    for start in range(0, num_tokens, rows):
-        chunk = slice(start, min(start + rows, num_tokens))
-        logits, scaled_hidden = _chunk_logits(ws, hidden[chunk], head)
-        g = grad_logprobs[chunk]
-        if grad_entropy is None:
-            matrix, row_scale = _probabilities_inplace(logits, log_sum_exp[chunk]), -g
-        else:
-            mean_logit = log_sum_exp[chunk] - entropy[chunk]
-            matrix = _entropy_grad_inplace(logits, log_sum_exp[chunk], mean_logit, g, grad_entropy[chunk], ws)
-            row_scale = None
-        grads.add(chunk, matrix, row_scale, g, targets[chunk], scaled_hidden, ws)
-    return grads.hidden, grads.weight, grads.bias
+        return grads.result()
+    rows, ws = _workspace_for(num_tokens, head, hidden.device, with_grad=True)
+    chunks = saved.chunks if saved.chunks is not None else token_chunks(num_tokens, rows)
+    with_entropy = saved.grad_entropy is not None
+    for chunk in chunks:
+
+        def coefficients(stats: _ChunkStatistics, chunk: slice = chunk) -> tuple[Tensor, Tensor | None]:
+            return saved.grad_logprobs[chunk], saved.grad_entropy[chunk] if with_entropy else None
+
+        _chunk_gradient(ws, grads, chunk, hidden, targets, head, with_entropy, coefficients)
+    return grads.result()

@@ -1,9 +1,10 @@
-"""The gates f(r) and f'(r) as Triton device functions, selected by a constexpr id.
+"""The gates f(r) and f'(r) as Triton device functions, selected by a constexpr id, and the check of a custom
+gate's Triton pair against its torch pair.
 
 Same maths and the same overflow-safe forms as :mod:`fused_gates.gates` (``u = r - 1``, ``x = tau u``):
 
     sigmoid   f = sigmoid(x) 4 / tau                       f' = 4 sigmoid(x) sigmoid(-x)
-    erf       f = c (1 + erf(x / sqrt 2)) + 1 - c          f' = exp(-x^2 / 2),   c = sqrt(pi / 2) / tau
+    erf       f = 1 + c erf(x / sqrt 2)                    f' = exp(-x^2 / 2),   c = sqrt(pi / 2) / tau
     arctan    f = 1 + atan(x) / tau                        f' = 1 / (1 + x^2)
     softsign  f = 1 + (x / hypot(1, x)) / tau              f' = hypot(1, x)^-3
     clip      f = min(r, 1 + eps_high) if A > 0 else max(r, 1 - eps_low)
@@ -99,8 +100,8 @@ def gate_value_and_derivative(
             value = _sigmoid(x) * (4.0 / tau)
             derivative = 4.0 * _sigmoid(x) * _sigmoid(-x)  # not s (1 - s), which cancels for x >> 0
         elif GATE == ERF:
-            c = _SQRT_HALF_PI / tau
-            value = c * (1.0 + tl.math.erf(x * _INV_SQRT2)) + 1.0 - c
+            # the paper's c (1 + erf) + 1 - c without the cancellation of c - c at small tau
+            value = 1.0 + (_SQRT_HALF_PI / tau) * tl.math.erf(x * _INV_SQRT2)
             derivative = tl.exp(-0.5 * x * x)
         elif GATE == ARCTAN:
             value = 1.0 + atan(x) / tau

@@ -1,13 +1,12 @@
-"""The Triton backend's entry points: the same three functions, signatures and results as
-:mod:`fused_gates.torch_backend`, called by :class:`fused_gates.function.GatedPolicyLossFunction` for
-``backend="triton"`` and by :func:`fused_gates.token_logprobs`.
+"""The Triton backend: the backend contract of :mod:`fused_gates.backend` over the kernels.
 
 * no gradient: :func:`~fused_gates.kernels.logprob_stats.token_statistics` (one ``tl.dot`` pass, no logits in
   memory), then the O(N) objective in torch;
 * training: :func:`~fused_gates.kernels.chunk_grad.fused_loss_chunks` (cuBLAS products, the gate fused into a row
-  kernel), with the recomputing backward when a sequence-level row does not fit a chunk.
+  kernel), with the recomputing backward when a row that the objective needs whole does not fit a chunk.
 
-float64 inputs (gradcheck, references) go to the torch backend: the kernels compute in float32.
+The kernels compute in float32: float64 inputs, and custom gates registered without a Triton pair, are not
+supported (``backend="auto"`` then takes the torch backend; an explicit ``backend="triton"`` says why it cannot).
 """
 
 from __future__ import annotations
@@ -15,25 +14,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import torch_backend
+from ..backend import GradientNeeds, Gradients, HeadSpec, LossForward, SavedStatistics, saved_statistics
 from ..objective import ObjectiveConfig, TokenData, evaluate_objective
-from ..torch_backend import GradientNeeds, HeadSpec, LossForward
 from .chunk_grad import fused_loss_chunks, recompute_gradient_chunks
 from .gates import kernel_gate
 from .logprob_stats import token_statistics
 
-__all__ = ["logprobs_and_entropy", "loss_forward", "recompute_gradients"]
+NAME = "triton"
 
 
-def _use_torch(head: HeadSpec) -> bool:
-    return head.weight.dtype == torch.float64
+def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
+    if head.weight.dtype == torch.float64:
+        return "the kernels compute in float32; float64 inputs need backend='torch' (or 'auto')"
+    if config is not None and not config.gate.runs_in_kernels:
+        return (
+            f"gate {config.gate.name!r} has no Triton functions: pass triton_value/triton_derivative (@triton.jit "
+            "functions of (ratio, tau)) to register_gate, or use backend='torch'"
+        )
+    if config is not None:
+        kernel_gate(config.gate)  # a custom Triton pair that disagrees with its torch pair raises here
+    return None
 
 
 def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp, entropy, lse)`` per token of ``hidden`` [N, H]; one pass of ``tl.dot`` tiles, no gradient."""
-    if _use_torch(head):
-        return torch_backend.logprobs_and_entropy(hidden, targets, head)
-    return token_statistics(hidden.detach(), targets, head.weight.detach(), _detached(head.bias), head.inv_temperature)
+    head = head.detached()
+    return token_statistics(hidden.detach(), targets, head.weight, head.bias, head.inv_temperature)
 
 
 def loss_forward(
@@ -44,44 +50,20 @@ def loss_forward(
     config: ObjectiveConfig,
     needs: GradientNeeds,
 ) -> LossForward:
-    """Statistics, objective and (when the chunks allow it) the gradients, as ``torch_backend.loss_forward``."""
-    if _use_torch(head):
-        return torch_backend.loss_forward(hidden, targets, tokens, head, config, needs)
-    kernel_gate(config.gate)  # a custom gate without Triton functions fails here, before any work
-    hidden, head = hidden.detach(), _detached_head(head)
+    """Statistics, objective and (when the chunks allow it) the gradients, as the torch backend's."""
+    hidden, head = hidden.detach(), head.detached()
     if needs.any and hidden.shape[0]:
         result = fused_loss_chunks(hidden, targets, tokens, head, config, needs)
         if result is not None:
-            return LossForward(result.logprobs, result.entropy, result.terms, result.gradients)
-    # No gradient, or a sequence-level row longer than a chunk: statistics now, gradients recomputed in backward.
+            return result
+    # No gradient, or a whole row longer than a chunk: statistics now, gradients recomputed in backward.
     logprobs, entropy, log_sum_exp = logprobs_and_entropy(hidden, targets, head)
     terms = evaluate_objective(logprobs, entropy, tokens, config)
-    return LossForward(logprobs, entropy, [terms], None, log_sum_exp, terms.grad_logprobs, terms.grad_entropy)
+    return LossForward(logprobs, entropy, terms, saved_statistics(log_sum_exp, entropy, terms, config), None)
 
 
 def recompute_gradients(
-    hidden: Tensor,
-    targets: Tensor,
-    head: HeadSpec,
-    needs: GradientNeeds,
-    log_sum_exp: Tensor,
-    entropy: Tensor,
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The backward that recomputes each chunk's product from the saved ``lse`` and ``H``."""
-    if _use_torch(head):
-        return torch_backend.recompute_gradients(
-            hidden, targets, head, needs, log_sum_exp, entropy, grad_logprobs, grad_entropy
-        )
-    return recompute_gradient_chunks(
-        hidden.detach(), targets, _detached_head(head), needs, log_sum_exp, entropy, grad_logprobs, grad_entropy
-    )
-
-
-def _detached(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach()
-
-
-def _detached_head(head: HeadSpec) -> HeadSpec:
-    return HeadSpec(head.weight.detach(), _detached(head.bias), head.inv_temperature, head.memory_budget_mb)
+    hidden: Tensor, targets: Tensor, head: HeadSpec, needs: GradientNeeds, saved: SavedStatistics
+) -> Gradients:
+    """The backward that recomputes each chunk's product from the saved statistics."""
+    return recompute_gradient_chunks(hidden.detach(), targets, head.detached(), needs, saved)

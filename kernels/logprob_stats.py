@@ -2,17 +2,14 @@
 
 A program owns ``BLOCK_N`` tokens and a contiguous range of vocabulary blocks. For each ``BLOCK_N x BLOCK_V`` tile
 it forms ``z = (h W^T + b) / T`` on chip (``tl.dot`` over ``BLOCK_H`` slices of the hidden size, float32
-accumulation) and folds the tile into per-token online statistics relative to the running maximum ``m``:
-
-    S = sum_v exp(z_v - m),    Z = sum_v exp(z_v - m) (z_v - m),    z_y (the target's logit)
-
-A new maximum ``m'`` rescales them: ``S <- a S``, ``Z <- a (Z + (m - m') S)`` with ``a = exp(m - m')``.
-Then ``lse = m + log S``, ``logp = z_y - lse`` and ``H = lse - sum_v p_v z_v = log S - Z / S``.
+accumulation) and folds the tile into per-token online statistics relative to the running maximum ``m``
+(``S = sum_v exp(z_v - m)``, ``Z = sum_v exp(z_v - m) (z_v - m)``) and the target's logit ``z_y``. Then
+``lse = m + log S``, ``logp = z_y - lse`` and ``H = lse - sum_v p_v z_v = log S - Z / S``.
 
 With few token blocks (short batches, the no-grad passes over old / reference policies) the vocabulary is split
 across ``SPLIT`` programs per token block (a launch parameter); each writes its partial ``(m, S, Z, z_y)`` and a
-small kernel merges them with the same rescaling (every split holds at least one column). Offsets into ``W`` and
-the hidden states are int64.
+small kernel merges them (every split holds at least one column). The online update and the merge are those of
+:mod:`fused_gates.kernels.online_softmax`. Offsets into ``W`` and the hidden states are int64.
 """
 
 from __future__ import annotations
@@ -22,6 +19,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .online_softmax import block_statistics, finish_statistics, merge_statistics
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -37,6 +36,7 @@ _LARGEST_BLOCK_N = 128
 _SPLIT_UNIT = 256  # the largest BLOCK_V of the configurations
 
 
+@triton.heuristics({"HAS_BIAS": lambda args: args["p_bias"] is not None})
 @triton.jit
 def _tile_statistics_kernel(
     p_hidden,
@@ -90,18 +90,12 @@ def _tile_statistics_kernel(
             b_b = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)
             b_z = b_z + b_b[None, :] * inv_temperature
         b_z = tl.where(m_v[None, :], b_z, float("-inf"))
-
-        # Every block holds at least one column, so the new maximum is finite.
-        b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
-        b_scale = tl.exp(b_max - b_new_max)  # 0 on the first block (m = -inf)
-        b_shift = b_z - b_new_max[:, None]
-        b_p = tl.exp(b_shift)  # 0 in padded columns
-        b_pz = b_p * tl.where(m_v[None, :], b_shift, 0.0)  # padded columns: 0, not 0 * -inf
-        b_max_step = tl.where(b_sum_exp > 0, b_max - b_new_max, 0.0)
-        b_sum_exp_shifted = b_scale * (b_sum_exp_shifted + b_max_step * b_sum_exp) + tl.sum(b_pz, axis=1)
-        b_sum_exp = b_scale * b_sum_exp + tl.sum(b_p, axis=1)
-        b_max = b_new_max
         b_target_logit += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
+        # every tile holds at least one column of the vocabulary
+        b_tile_max, b_tile_sum_exp, b_tile_sum_exp_shifted = block_statistics(b_z, 1)
+        b_max, b_sum_exp, b_sum_exp_shifted = merge_statistics(
+            b_max, b_sum_exp, b_sum_exp_shifted, b_tile_max, b_tile_sum_exp, b_tile_sum_exp_shifted
+        )
 
     o_part = i_split.to(tl.int64) * N + o_n
     tl.store(p_part_max + o_part, b_max, mask=m_n)
@@ -126,32 +120,31 @@ def _merge_splits_kernel(
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    for s in range(SPLIT):
-        b_max = tl.maximum(b_max, tl.load(p_part_max + s * N + o_n, mask=m_n, other=0.0))
     b_sum_exp = tl.zeros([BLOCK_N], tl.float32)
     b_sum_exp_shifted = tl.zeros([BLOCK_N], tl.float32)
     b_target_logit = tl.zeros([BLOCK_N], tl.float32)
     for s in range(SPLIT):
-        b_m = tl.load(p_part_max + s * N + o_n, mask=m_n, other=0.0)
-        b_s = tl.load(p_part_sum_exp + s * N + o_n, mask=m_n, other=0.0)
-        b_zs = tl.load(p_part_sum_exp_shifted + s * N + o_n, mask=m_n, other=0.0)
-        b_target_logit += tl.load(p_part_target_logit + s * N + o_n, mask=m_n, other=0.0)
-        b_step = b_m - b_max
-        b_scale = tl.exp(b_step)
-        b_sum_exp += b_scale * b_s
-        b_sum_exp_shifted += b_scale * (b_zs + b_step * b_s)
-    b_sum_exp = tl.where(m_n, b_sum_exp, 1.0)
-    b_log_sum = tl.log(b_sum_exp)
-    b_lse = b_max + b_log_sum
+        o_part = s * N + o_n
+        # every split holds at least one column; padded tokens read a harmless (0, 1, 0)
+        b_max, b_sum_exp, b_sum_exp_shifted = merge_statistics(
+            b_max,
+            b_sum_exp,
+            b_sum_exp_shifted,
+            tl.load(p_part_max + o_part, mask=m_n, other=0.0),
+            tl.load(p_part_sum_exp + o_part, mask=m_n, other=1.0),
+            tl.load(p_part_sum_exp_shifted + o_part, mask=m_n, other=0.0),
+        )
+        b_target_logit += tl.load(p_part_target_logit + o_part, mask=m_n, other=0.0)
+    b_lse, b_entropy, _ = finish_statistics(b_max, b_sum_exp, b_sum_exp_shifted)
     tl.store(p_log_sum_exp + o_n, b_lse, mask=m_n)
     tl.store(p_logprobs + o_n, b_target_logit - b_lse, mask=m_n)
-    tl.store(p_entropy + o_n, b_log_sum - b_sum_exp_shifted / b_sum_exp, mask=m_n)
+    tl.store(p_entropy + o_n, b_entropy, mask=m_n)
 
 
 _tile_statistics = (
     _tile_statistics_kernel
     if INTERPRETED
-    else triton.autotune(configs=_GPU_CONFIGS, key=["V", "H", "HAS_BIAS", "INPUT_PRECISION"])(_tile_statistics_kernel)
+    else triton.autotune(configs=_GPU_CONFIGS, key=["V", "H", "INPUT_PRECISION"])(_tile_statistics_kernel)
 )
 
 
@@ -203,7 +196,7 @@ def token_statistics(
     _tile_statistics[grid](
         hidden,
         weight,
-        bias if bias is not None else weight,  # any valid pointer when HAS_BIAS is off
+        bias,
         targets,
         partials[0],
         partials[1],
@@ -216,7 +209,6 @@ def token_statistics(
         weight.stride(0),
         columns_per_split,
         float(inv_temperature),
-        HAS_BIAS=bias is not None,
         INPUT_PRECISION=dot_input_precision(weight.dtype),
         **meta,
     )

@@ -52,7 +52,7 @@ CASES = {
     "epsilon_low_above_one": (dict(epsilon_low=1.5), ValueError, r"epsilon_low: must be in \[0, 1\]"),
     "epsilon_high_negative": (dict(epsilon_high=-0.1), ValueError, "epsilon_high: must be finite and >= 0"),
     "unknown_gate": (dict(gate="tanh"), ValueError, "unknown gate 'tanh'"),
-    "gate_not_a_name": (dict(gate=3), TypeError, "gate must be a gate name"),
+    "gate_not_a_name": (dict(gate=3), TypeError, "gate: expected a gate name"),
     "unknown_loss_type": (dict(loss_type="ppo"), ValueError, "loss_type: unknown loss_type 'ppo'"),
     "unknown_level": (dict(importance_sampling_level="batch"), ValueError, "importance_sampling_level: unknown"),
     "unknown_backend": (dict(backend="cuda"), ValueError, "backend: unknown backend 'cuda'"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_inputs, max_abs
-from reference import reference_loss
 
 from fused_gates import gated_policy_loss, token_logprobs
+from fused_gates.reference import reference_loss
 
 GATES = ["clip", "sigmoid", "erf", "arctan", "softsign"]
 
@@ -57,7 +57,7 @@ def test_single_token_batch_matches_reference():
 
 
 def test_vocabulary_not_a_multiple_of_the_block():
-    from fused_gates.torch_backend import VOCAB_BLOCK
+    from fused_gates.backend import VOCAB_BLOCK
 
     vocab = 2 * VOCAB_BLOCK + 37
     inputs = make_inputs(batch=2, length=3, hidden_size=6, vocab=vocab, seed=4)

@@ -202,7 +202,7 @@ FLOAT32_CASES += [("sigmoid", "sequence"), ("clip", "sequence")]
 def test_float32_every_gate_against_reference(gate, level):
     """Compiled (not interpreted) kernels in float32 against the naive float64 reference at a moderate odd size."""
     from helpers import make_inputs
-    from reference import reference_loss
+    from fused_gates.reference import reference_loss
 
     from fused_gates import gated_policy_loss
 

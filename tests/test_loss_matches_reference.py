@@ -7,9 +7,9 @@ import zlib
 import pytest
 import torch
 from helpers import make_inputs, max_abs
-from reference import reference_loss
 
 from fused_gates import gated_policy_loss
+from fused_gates.reference import reference_loss
 
 GATES = ["clip", "sigmoid", "erf", "arctan", "softsign"]
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]

@@ -22,11 +22,11 @@ import pytest
 import triton
 import triton.language as tl  # noqa: F401  (a @triton.jit module must see triton.language)
 from helpers import make_inputs, max_abs
-from reference import reference_loss
 
 from fused_gates import Gate, GateParameters, check_admissible, gated_policy_loss, get_gate, token_logprobs
 from fused_gates.kernels import logprob_stats
 from fused_gates.kernels.gates import atan, evaluate_gate
+from fused_gates.reference import reference_loss
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns on the overflow of the side not taken
 # (exp(-x) for x << 0 in the sigmoid); results are checked for finiteness instead.

@@ -1,8 +1,15 @@
-"""The naive reference every backend is compared with: materialised logits, float64, autograd.
+"""The specification: a naive reference of the loss that every backend is compared with (materialised logits,
+float64, autograd).
 
-Written from the paper's equations and TRL 1.16's ``_compute_loss`` directly, sharing no code with the package:
-gate values are the paper's formulas and their derivatives come from autograd, so a wrong closed-form f' in the
-package shows up as a gradient mismatch.
+Written from the paper's equations and TRL 1.16's ``_compute_loss`` directly, importing nothing else from this
+package (a test enforces it): gate values are the paper's formulas and their derivatives come from autograd, so a
+wrong closed-form f' in the package shows up as a gradient mismatch. The tests, the benchmarks' correctness checks
+and the GPU checks all compare with :func:`reference_loss`.
+
+Conventions it fixes: EUR (paper eq. 12) is the mean over prompt groups of the group's token mean of f'(r) with
+the mask's weights; groups without a valid token are left out, no valid token at all gives 0, and without
+``group_size`` the batch is one group. ``nonfinite_tokens`` counts tokens with the mask set whose log-prob or
+entropy is not finite.
 """
 
 from __future__ import annotations
@@ -141,16 +148,14 @@ def reference_loss(
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
     gg = gate_grad.detach()
-    if group_size is None:
-        eur = masked_mean(gg)
-    else:
-        per_group = []
-        for g in range(batch // group_size):
-            rows = slice(g * group_size, (g + 1) * group_size)
-            count = mask[rows].sum()
-            if count > 0:
-                per_group.append((gg[rows] * mask[rows]).sum() / count)
-        eur = torch.stack(per_group).mean() if per_group else torch.zeros((), dtype=hidden.dtype)
+    per_group = []
+    size = batch if group_size is None else group_size
+    for g in range(batch // size):
+        rows = slice(g * size, (g + 1) * size)
+        count = mask[rows].sum()
+        if count > 0:
+            per_group.append((gg[rows] * mask[rows]).sum() / count)
+    eur = torch.stack(per_group).mean() if per_group else torch.zeros((), dtype=hidden.dtype)
     r_tok = ratio.detach().expand(batch, length)
     valid = mask != 0
     metrics = {
@@ -160,6 +165,7 @@ def reference_loss(
         "ratio/min": r_tok[valid].min() if valid.any() else torch.zeros((), dtype=hidden.dtype),
         "ratio/max": r_tok[valid].max() if valid.any() else torch.zeros((), dtype=hidden.dtype),
         "gate/mean": masked_mean(gate_value.detach()),
+        "nonfinite_tokens": (valid & ~(logp.detach().isfinite() & entropy.detach().isfinite())).sum().to(hidden.dtype),
     }
     if beta != 0:
         metrics["kl"] = masked_mean(kl.detach().expand(batch, length))  # TRL logs the corrected term

@@ -1,0 +1,152 @@
+"""Which tokens the pass computes, and the per-token inputs of those tokens: the plan between checking the arguments
+and running a backend.
+
+Only valid tokens (mask != 0) enter the vocabulary pass. Tokens whose hidden state holds inf / NaN are handled by
+the ``on_nonfinite`` policy: ``raise`` (a ValueError naming ``hidden`` before any product), ``zero`` (dropped like
+masked tokens: out of the loss, its normalisers and the gradients; with them tokens whose ``old_logprobs`` or
+``ref_logprobs`` are non-finite) or ``propagate`` (computed as they are: NaN reaches the loss and every gradient).
+The value checks of all arguments run in one host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .arguments import HeadArguments, LossArguments, ValueCheck, run_value_checks
+from .objective import TokenData, aggregation_weights, entropy_weights
+
+HIDDEN_NONFINITE = (
+    "{count} token(s) where the mask is set have non-finite hidden states (inf or NaN, e.g. an overflow in the "
+    "backbone); on_nonfinite='zero' drops such tokens, on_nonfinite='propagate' lets NaN through"
+)
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The tokens of a ``[B, T]`` batch that the pass computes, and the way between the two layouts."""
+
+    shape: tuple[int, int]
+    valid_index: Tensor | None  # flat positions of the computed tokens; None when all are computed
+
+    def gather(self, x: Tensor) -> Tensor:
+        """A ``[B, T]`` tensor at the computed tokens, [N]."""
+        return self.gather_rows(x.reshape(-1))
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """A flat ``[B*T, ...]`` tensor at the computed tokens, [N, ...]."""
+        return x if self.valid_index is None else x.index_select(0, self.valid_index)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per computed token ``values`` [N] as [B, T], 0 elsewhere."""
+        batch, length = self.shape
+        if self.valid_index is None:
+            return values.reshape(batch, length)
+        out = values.new_zeros(batch * length)
+        out.index_copy_(0, self.valid_index, values)
+        return out.reshape(batch, length)
+
+
+def _finite_rows(hidden: Tensor) -> Tensor:
+    return torch.isfinite(hidden).all(dim=1)
+
+
+def _plan(shape: tuple[int, int], keep: Tensor | None) -> TokenPlan:
+    return TokenPlan(shape, None if keep is None else keep.nonzero().squeeze(1))
+
+
+def _id_check(ids: Tensor, vocab: int) -> list[ValueCheck]:
+    if not ids.numel():
+        return []
+    return [ValueCheck("completion_ids", f"token ids must lie in [0, {vocab}) (V of weight) where the mask is set",
+                       (ids.min() < 0) | (ids.max() >= vocab))]
+
+
+def _mask_check(mask: Tensor | None) -> list[ValueCheck]:
+    if mask is None:
+        return []
+    return [ValueCheck("completion_mask", "must be finite and >= 0", ~(torch.isfinite(mask) & (mask >= 0)).all())]
+
+
+@dataclass
+class LogprobTokens:
+    plan: TokenPlan
+    hidden: Tensor  # [N, H]
+    ids: Tensor  # [N]
+
+
+def plan_logprob_tokens(head: HeadArguments) -> LogprobTokens:
+    """The tokens of :func:`fused_gates.token_logprobs` (``on_nonfinite``: raise or propagate)."""
+    flat_mask = None if head.mask is None else head.mask.reshape(-1)
+    keep = None if flat_mask is None else flat_mask != 0
+    checks = _mask_check(head.mask)
+    if head.on_nonfinite == "raise":
+        bad = ~_finite_rows(head.hidden)
+        checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, (bad if keep is None else bad & keep).sum()))
+    plan = _plan(head.shape, keep)
+    ids = plan.gather_rows(head.ids)
+    run_value_checks(_id_check(ids, head.vocab) + checks)
+    return LogprobTokens(plan, plan.gather_rows(head.hidden), ids)
+
+
+@dataclass
+class LossTokens:
+    plan: TokenPlan
+    hidden: Tensor  # [N, H]
+    ids: Tensor  # [N]
+    tokens: TokenData
+    mask: Tensor  # [N] the weights m_t of the computed tokens
+    flagged: Tensor  # [B, T] bool: tokens with mask set whose hidden state (or given log-prob) is non-finite
+
+
+def plan_loss_tokens(head: HeadArguments, args: LossArguments) -> LossTokens:
+    """Select the computed tokens, check every value, and build their :class:`TokenData`."""
+    batch, length = head.shape
+    device = head.device
+    acc = head.accumulate_dtype
+    given_mask = head.mask.to(acc) if head.mask is not None else torch.ones(batch, length, device=device, dtype=acc)
+    selected = given_mask != 0
+    flagged = ~_finite_rows(head.hidden).reshape(batch, length) & selected
+    given = [(name, value) for name, value in (("old_logprobs", args.old_logprobs),
+                                               ("ref_logprobs", args.ref_logprobs)) if value is not None]
+    checks = _mask_check(head.mask)
+    if head.on_nonfinite == "zero":
+        for _, value in given:
+            flagged |= ~torch.isfinite(value) & selected
+        keep = selected & ~flagged
+        full_mask = given_mask * keep
+        plan = _plan(head.shape, keep.reshape(-1))
+    else:
+        if head.on_nonfinite == "raise":
+            checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, flagged.sum()))
+        full_mask = given_mask
+        plan = _plan(head.shape, None if head.mask is None else selected.reshape(-1))
+
+    loss_weight = aggregation_weights(full_mask, args.loss_type, args.max_completion_length, args.num_items_in_batch)
+    row_tokens = full_mask.sum(-1, keepdim=True).clamp(min=1.0)
+    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
+    tokens = TokenData(
+        advantages=plan.gather(args.advantages.to(acc)),
+        mask=plan.gather(full_mask),
+        loss_weight=plan.gather(loss_weight),
+        entropy_weight=plan.gather(entropy_weights(full_mask, args.entropy_coef)),
+        old_logprobs=None if args.old_logprobs is None else plan.gather(args.old_logprobs.to(acc)),
+        ref_logprobs=None if args.ref_logprobs is None else plan.gather(args.ref_logprobs.to(acc)),
+        row=plan.gather(rows),
+        row_share=plan.gather(full_mask / row_tokens),
+        num_rows=batch,
+    )
+    ids = plan.gather_rows(head.ids)
+    checks = _id_check(ids, head.vocab) + checks
+    if tokens.count:
+        checks.append(ValueCheck("advantages", "must be finite where the mask is set",
+                                 ~torch.isfinite(tokens.advantages).all()))
+        if head.on_nonfinite != "zero":
+            for name, value in (("old_logprobs", tokens.old_logprobs), ("ref_logprobs", tokens.ref_logprobs)):
+                if value is not None:
+                    checks.append(ValueCheck(name, "must be finite where the mask is set",
+                                             ~torch.isfinite(value).all()))
+    run_value_checks(checks)
+    return LossTokens(plan, plan.gather_rows(head.hidden), ids, tokens, tokens.mask, flagged)
