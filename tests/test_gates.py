@@ -163,3 +163,56 @@ def test_builtin_names_are_protected():
         register_gate("sigmoid", cauchy_value, cauchy_derivative)
     with pytest.raises(ValueError, match="built-in"):
         unregister_gate("clip")
+
+
+# -- precision and range ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1e-6, 1e-3, 0.5, 12.0], ids=["tau1e-6", "tau1e-3", "tau0.5", "tau12"])
+def test_erf_value_keeps_float32_precision_at_every_temperature(tau):
+    """The paper's c (1 + erf) + 1 - c cancels c - c: at tau = 1e-6 in float32 it loses three digits."""
+    r = torch.tensor([0.5, 0.9, 0.999, 1.001, 1.3, 2.0, 5.0], dtype=torch.float64)
+    truth = reference_gate_value("erf", r, torch.ones_like(r), {"tau_pos": tau, "tau_neg": tau})
+    value, _ = gate_at("erf", r.float(), tau)
+    relative = ((value.double() - truth).abs() / truth.abs()).max().item()
+    assert relative < 1e-6
+
+
+def nan_past_1e9_value(r, tau):
+    return torch.where(r > 1e9, torch.full_like(r, float("nan")), 1 + torch.atan(tau * (r - 1)) / tau)
+
+
+def nan_past_1e9_derivative(r, tau):
+    return torch.where(r > 1e9, torch.full_like(r, float("nan")), 1 / (1 + (tau * (r - 1)) ** 2))
+
+
+def float32_overflow_value(r, tau):
+    return 1 + torch.atan(tau * (r - 1)) / tau
+
+
+def float32_overflow_derivative(r, tau):
+    # 1 / (1 + x^2) written as 1 - x^2 / (1 + x^2): finite in float64 up to x = 20 exp(80), but x^2 overflows
+    # float32 past x = 1.8e19 and inf / inf is NaN
+    x = tau * (r - 1)
+    return 1 - x * x / (1 + x * x)
+
+
+UNREACHED_FAILURES = {
+    "nan-past-1e9": (nan_past_1e9_value, nan_past_1e9_derivative, r"\(i\).*not finite in torch.float64"),
+    "float32-overflow": (float32_overflow_value, float32_overflow_derivative, r"\(i\).*not finite in torch.float32"),
+}
+
+
+@pytest.mark.parametrize("case", UNREACHED_FAILURES.values(), ids=UNREACHED_FAILURES.keys())
+def test_gate_failing_beyond_the_fine_grid_is_rejected(case):
+    """Ratios reach exp(80) = 5.5e34 at run time: a gate must stay finite over all of it, in float32 too."""
+    value, derivative, message = case
+    with pytest.raises(GateAdmissibilityError, match=message):
+        register_gate("breaks_late_test", value, derivative)
+    assert "breaks_late_test" not in available_gates()
+
+
+def test_builtin_gates_pass_the_reachable_range_check():
+    for name in SOFT_GATES:
+        gate = get_gate(name)
+        check_admissible(name, gate.value, gate.derivative, (0.5, 20.0, 100.0))

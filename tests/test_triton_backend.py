@@ -26,7 +26,7 @@ from helpers import make_inputs, max_abs
 from fused_gates import Gate, GateParameters, check_admissible, gated_policy_loss, get_gate, token_logprobs
 from fused_gates.kernels import logprob_stats
 from fused_gates.kernels.gates import atan, evaluate_gate
-from fused_gates.reference import reference_loss
+from fused_gates.reference import reference_gate_value, reference_loss
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns on the overflow of the side not taken
 # (exp(-x) for x << 0 in the sigmoid); results are checked for finiteness instead.
@@ -99,6 +99,15 @@ def test_gate_device_functions_match_torch(name):
     assert torch.isfinite(value).all() and torch.isfinite(derivative).all()
     torch.testing.assert_close(value.cpu(), expected_value, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(derivative.cpu(), expected_derivative, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("tau", [1e-6, 1e-3, 12.0], ids=["tau1e-6", "tau1e-3", "tau12"])
+def test_erf_device_function_keeps_float32_precision_at_small_temperatures(tau):
+    ratio = torch.tensor([0.5, 0.9, 0.999, 1.001, 1.3, 2.0, 5.0], dtype=torch.float64)
+    truth = reference_gate_value("erf", ratio, torch.ones_like(ratio), {"tau_pos": tau, "tau_neg": tau})
+    value, _ = evaluate_gate(get_gate("erf"), ratio.float().to(DEVICE), torch.ones(7, device=DEVICE),
+                             GateParameters(tau_pos=tau, tau_neg=tau))
+    assert ((value.cpu().double() - truth).abs() / truth).max().item() < 1e-6
 
 
 def test_custom_gate_without_triton_functions_is_refused():
