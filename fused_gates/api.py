@@ -40,6 +40,8 @@ class GatedPolicyLossOutput:
     gate_grad: Tensor
     eur: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    kl: Tensor | None = None  # the KL term of the loss per token (times r with bias correction); 0 when beta == 0
+    policy_weight: Tensor | None = None  # what multiplied the policy term: sampling ratio, entropy and off-policy masks
 
 
 def gated_policy_loss(
@@ -56,6 +58,9 @@ def gated_policy_loss(
     tau_neg: float = 1.05,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    delta: float | None = None,
+    vespo_k: tuple[float, float] | None = None,
+    vespo_lambda: tuple[float, float] | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
@@ -65,7 +70,12 @@ def gated_policy_loss(
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
     bias: Tensor | None = None,
+    sampling_ratio: Tensor | None = None,
+    entropy_mask: Tensor | None = None,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logprobs: Tensor | None = None,
     group_size: int | None = None,
+    group_ids: Tensor | None = None,
     on_nonfinite: str = "raise",
     backend: str = "auto",
     memory_budget_mb: float | None = None,
@@ -79,9 +89,13 @@ def gated_policy_loss(
     ``epsilon_low`` / ``epsilon_high``), and the per-token loss ``-f(r) A + beta * k3_kl(ref, logp)``. The tokens are
     aggregated as TRL 1.16's ``GRPOTrainer`` does for ``loss_type`` (before dividing by gradient-accumulation
     steps): ``grpo`` (mean over rows of the row's token mean), ``bnpo`` (token mean over the batch), ``dr_grpo``
-    (sum / (B * max_completion_length)), ``dapo`` (sum / num_items_in_batch, default the token count).
-    ``entropy_coef`` subtracts ``entropy_coef * mean entropy``. ``gate="sigmoid"`` with ``loss_type="grpo"`` is
-    TRL's ``loss_type="sapo"``; ``gate="clip"`` is TRL's clipped objective.
+    (sum / (B * max_completion_length)), ``dapo`` (sum / num_items_in_batch, default the token count), ``luspo``
+    (mean over rows of the row's sum). ``entropy_coef`` subtracts ``entropy_coef * mean entropy``.
+
+    TRL 1.16's objectives map onto ``gate`` and ``loss_type``: its grpo / bnpo / dr_grpo / dapo / luspo are
+    ``gate="clip"`` (with ``delta``) and that aggregation, ``sapo`` is ``gate="sigmoid"`` with ``loss_type="grpo"``,
+    ``cispo`` is ``gate="cispo", loss_type="dapo"`` and ``vespo`` is ``gate="vespo", loss_type="dapo"``; the
+    sampler's importance ratio, the entropy mask and the off-policy mask multiply the policy term as in TRL.
 
     Args:
         hidden: [B, T, H] states that predict ``completion_ids`` (already shifted).
@@ -92,15 +106,29 @@ def gated_policy_loss(
         old_logprobs: [B, T] behaviour-policy log-probs; None means on-policy.
         ref_logprobs: [B, T] reference-model log-probs, required when ``beta != 0``.
         gate: a registered gate name (``clip``, ``sigmoid``, ``erf``, ``arctan``, ``softsign``, or one added with
-            :func:`fused_gates.register_gate`) or a :class:`Gate`.
+            :func:`fused_gates.register_gate`), TRL's detached-weight objectives ``cispo`` (weight
+            ``min(r, epsilon_high)``) and ``vespo`` (TRL's gamma weight of the row's ratio), or a :class:`Gate`.
         epsilon_high: defaults to ``epsilon_low``.
+        delta: ``gate="clip"`` only: TRL's two-sided clipping, the unclipped term's ratio capped at ``delta``.
+        vespo_k, vespo_lambda: ``gate="vespo"`` only: ``(positive, negative)`` shape of the gamma weight (TRL's
+            ``vespo_k_pos/neg`` = (2, 3), ``vespo_lambda_pos/neg`` = (3, 2) by default).
         num_items_in_batch: the ``dapo`` normaliser (ignored by the other loss types).
         importance_sampling_level: ``token`` or ``sequence`` (GSPO: one ratio per row, the exp of the row's mean
             log-ratio).
         use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's flag).
+        sampling_ratio: [B, T] the sampler's importance ratio (TRL's vLLM ``importance_sampling_ratio``): multiplies
+            the policy term (not the KL); for ``vespo`` it enters the gamma weight instead, as in TRL.
+        entropy_mask: [B, T] TRL's ``top_entropy_quantile`` mask: multiplies the policy term, and the entropy bonus
+            becomes the mean over the tokens it keeps. (It needs the entropies first: take them from a no-grad
+            :func:`token_logprobs` pass, one product.)
+        off_policy_mask_threshold: TRL's off-policy sequence mask, from the current log-probs in the same pass: a
+            row with ``A < 0`` whose mean of ``sampling_logprobs - logp`` exceeds the threshold is dropped from the
+            policy term. ``sampling_logprobs`` defaults to ``old_logprobs`` (on-policy: nothing is dropped).
         group_size: completions per prompt (consecutive rows); ``eur`` is then the paper's mean over prompt groups
             of the group's token mean of f'(r) (groups without a valid token are left out; no valid token: 0).
-            Without it the batch is one group.
+            Without it (or ``group_ids``) the batch is one group.
+        group_ids: [B] integer prompt-group id of each row, in [0, B): EUR over these groups (rows need not be
+            consecutive).
         on_nonfinite: what a token (mask set) with an inf / NaN hidden state does: ``"raise"`` (default: a
             ValueError naming ``hidden`` before any product; checked in the same host synchronisation as the other
             value checks), ``"zero"`` (dropped from the loss, its normalisers and the gradients, like a masked token,
@@ -127,19 +155,23 @@ def gated_policy_loss(
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         importance_sampling_level=importance_sampling_level, beta=beta,
         use_bias_correction_kl=use_bias_correction_kl, entropy_coef=entropy_coef, group_size=group_size,
+        group_ids=group_ids, delta=delta, vespo_k=vespo_k, vespo_lambda=vespo_lambda, sampling_ratio=sampling_ratio,
+        entropy_mask=entropy_mask, off_policy_mask_threshold=off_policy_mask_threshold,
+        sampling_logprobs=sampling_logprobs,
     )
     spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb)
     implementation = resolve_backend(head.backend, spec, args.config)
     planned = plan_loss_tokens(head, args)
 
-    loss, logp, entropy, ratio, gate_value, gate_grad, kl = GatedPolicyLossFunction.apply(
+    loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
         planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, head.inv_temperature,
         head.memory_budget_mb, implementation,
     )
 
-    plan = planned.plan
-    metrics = loss_metrics(planned.tokens, args.config, entropy, ratio, gate_value, gate_grad, kl, args.group_size,
-                           args.row_advantages)
+    plan, tokens = planned.plan, planned.tokens
+    metrics = loss_metrics(tokens, args.config, entropy, ratio, gate_value, gate_grad, kl, args.group_size,
+                           args.group_ids, args.row_advantages)
+    metrics["policy_loss"] = loss.detach() - (tokens.entropy_weight * entropy).sum()
     logprobs, entropies = plan.scatter(logp), plan.scatter(entropy)
     computed = plan.scatter(torch.ones_like(logp)) != 0
     metrics["nonfinite_tokens"] = nonfinite_tokens(planned.flagged, computed, logprobs, entropies)
@@ -152,7 +184,13 @@ def gated_policy_loss(
         gate_grad=plan.scatter(gate_grad),
         eur=metrics["eur"],
         metrics=metrics,
+        kl=plan.scatter(kl) if args.config.beta != 0 else torch.zeros_like(logprobs),
+        policy_weight=plan.scatter(policy_weight if _has_policy_weight(args, tokens) else torch.ones_like(logp)),
     )
+
+
+def _has_policy_weight(args, tokens) -> bool:
+    return tokens.policy_weight is not None or args.config.off_policy_mask_threshold is not None
 
 
 @torch.no_grad()

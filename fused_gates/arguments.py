@@ -194,6 +194,36 @@ class LossArguments:
     num_items_in_batch: Tensor | float | None
     entropy_coef: float
     group_size: int | None
+    group_ids: Tensor | None  # [B] int64 in [0, B)
+    sampling_ratio: Tensor | None  # [B, T]
+    entropy_mask: Tensor | None  # [B, T]
+    sampling_logprobs: Tensor | None  # [B, T]
+
+
+def _check_pair(name: str, value: object) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise fail(name, f"expected a (positive, negative) pair of numbers, got {value!r}", TypeError)
+    return check_number(f"{name}[0]", value[0], minimum=None), check_number(f"{name}[1]", value[1], minimum=None)
+
+
+def _check_optional_map(name: str, value: object, shape: tuple[int, int], device: torch.device) -> Tensor | None:
+    """An optional [B, T] tensor of numbers (bool and integer allowed)."""
+    if value is None:
+        return None
+    check_tensor(name, value)
+    if tuple(value.shape) != shape:
+        raise fail(name, f"expected shape {list(shape)}, got {list(value.shape)}")
+    if value.device != device:
+        raise fail(name, f"expected device {device} (that of hidden), got {value.device}")
+    if value.dtype.is_complex:
+        raise fail(name, f"expected bool, integer or float, got {value.dtype}", TypeError)
+    return value
+
+
+def _only_with(name: str, value: object, condition: bool, requirement: str) -> None:
+    """Refuse an option that would be ignored."""
+    if value is not None and not condition:
+        raise fail(name, f"only applies {requirement}; it would be ignored here")
 
 
 def check_loss_arguments(
@@ -215,10 +245,28 @@ def check_loss_arguments(
     use_bias_correction_kl: object,
     entropy_coef: object,
     group_size: object,
+    group_ids: object,
+    delta: object,
+    vespo_k: object,
+    vespo_lambda: object,
+    sampling_ratio: object,
+    entropy_mask: object,
+    off_policy_mask_threshold: object,
+    sampling_logprobs: object,
 ) -> LossArguments:
     batch, length = head.shape
     device = head.device
     gate_obj = get_gate(gate)
+    _only_with("delta", delta, gate_obj.is_clip, "to gate='clip' (TRL's two-sided clipping)")
+    _only_with("vespo_k", vespo_k, gate_obj.is_vespo, "to gate='vespo'")
+    _only_with("vespo_lambda", vespo_lambda, gate_obj.is_vespo, "to gate='vespo'")
+    _only_with("sampling_logprobs", sampling_logprobs, off_policy_mask_threshold is not None,
+               "with off_policy_mask_threshold")
+    delta = math.inf if delta is None else check_number("delta", delta)
+    vespo_k = (2.0, 3.0) if vespo_k is None else _check_pair("vespo_k", vespo_k)
+    vespo_lambda = (3.0, 2.0) if vespo_lambda is None else _check_pair("vespo_lambda", vespo_lambda)
+    if off_policy_mask_threshold is not None:
+        off_policy_mask_threshold = check_number("off_policy_mask_threshold", off_policy_mask_threshold, minimum=None)
     tau_pos = check_number("tau_pos", tau_pos)
     tau_neg = check_number("tau_neg", tau_neg)
     epsilon_low = check_number("epsilon_low", epsilon_low, allow_minimum=True)
@@ -242,6 +290,20 @@ def check_loss_arguments(
             raise fail("group_size", f"must be a positive int, got {group_size!r}")
         if batch % group_size:
             raise fail("group_size", f"{group_size} does not divide the batch size B={batch}")
+    if group_ids is not None:
+        if group_size is not None:
+            raise fail("group_ids", "give group_size or group_ids, not both")
+        check_tensor("group_ids", group_ids)
+        if tuple(group_ids.shape) != (batch,) or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+            raise fail("group_ids", f"expected an integer tensor of shape [{batch}], got {group_ids.dtype} "
+                       f"{list(group_ids.shape)}", TypeError)
+        if group_ids.device != device:
+            raise fail("group_ids", f"expected device {device} (that of hidden), got {group_ids.device}")
+        group_ids = group_ids.long()
+    sampling_ratio = _check_optional_map("sampling_ratio", sampling_ratio, (batch, length), device)
+    entropy_mask = _check_optional_map("entropy_mask", entropy_mask, (batch, length), device)
+    if sampling_logprobs is not None:
+        check_float_tensor("sampling_logprobs", sampling_logprobs, (batch, length), device)
 
     check_tensor("advantages", advantages)
     row_advantages = advantages.dim() == 1
@@ -260,11 +322,13 @@ def check_loss_arguments(
 
     config = ObjectiveConfig(
         gate=gate_obj,
-        params=GateParameters(tau_pos, tau_neg, epsilon_low, epsilon_high),
+        params=GateParameters(tau_pos, tau_neg, epsilon_low, epsilon_high, delta, vespo_k[0], vespo_lambda[0],
+                              vespo_k[1], vespo_lambda[1]),
         sequence_level=importance_sampling_level == "sequence",
         beta=beta,
         use_bias_correction_kl=bool(use_bias_correction_kl),
         has_entropy_bonus=entropy_coef != 0,
+        off_policy_mask_threshold=off_policy_mask_threshold,
     )
     return LossArguments(
         advantages=advantages,
@@ -277,6 +341,10 @@ def check_loss_arguments(
         num_items_in_batch=num_items_in_batch,
         entropy_coef=entropy_coef,
         group_size=group_size,
+        group_ids=group_ids,
+        sampling_ratio=sampling_ratio,
+        entropy_mask=entropy_mask,
+        sampling_logprobs=sampling_logprobs,
     )
 
 

@@ -33,8 +33,8 @@ class GatedPolicyLossFunction(torch.autograd.Function):
 
     Inputs are the valid tokens only (``hidden`` [N, H], ``targets`` [N]); ``tokens`` carries their advantages,
     masks, log-probs and aggregation weights. Returns ``(loss, logprobs, entropy, ratio, gate_value, gate_grad,
-    kl)`` with ``kl`` empty when ``beta == 0``. No gradient flows to the advantages or the given log-probs
-    (TRL treats them as constants too).
+    kl, policy_weight)`` with ``kl`` empty when ``beta == 0`` and ``policy_weight`` empty when it is 1. No gradient
+    flows to the advantages or the given log-probs (TRL treats them as constants too).
     """
 
     @staticmethod
@@ -67,7 +67,8 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         )
         empty = terms.ratio.new_empty(0)
         outputs = (result.logprobs, result.entropy, terms.ratio, terms.gate_value, terms.gate_grad,
-                   terms.kl if terms.kl is not None else empty)
+                   terms.kl if terms.kl is not None else empty,
+                   terms.policy_weight if terms.policy_weight is not None else empty)
         ctx.mark_non_differentiable(*outputs)
         return (terms.loss, *outputs)
 
@@ -95,4 +96,4 @@ class GatedPolicyLossFunction(torch.autograd.Function):
             if not scale_is_one:
                 grad.mul_(grad_loss.to(grad.dtype))
             out.append(grad.to(dtype))
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)  # targets, tokens, config, temperature, budget, backend

@@ -18,6 +18,12 @@ clip      min(r, 1 + eps_high) if A > 0 else max(r, 1 - eps_low)   1[r <= 1 + ep
 The soft gates take ``tau = tau_pos`` where ``A > 0`` and ``tau = tau_neg`` otherwise (``A = 0`` included).
 For clip at ``A = 0`` the loss and its gradient vanish whatever f' is; f' = 1 there so that the Effective Update
 Ratio equals ``1 - clip_ratio/region_mean`` exactly as TRL counts clipped tokens (only ``A != 0`` tokens clip).
+TRL's two-sided clipping (``delta``) caps the ratio of the unclipped term at ``delta``: ``f = min(r, 1 + eps_high,
+delta)`` where ``A > 0`` and ``f = clamp(r, 1 - eps_low, max(1 + eps_high, delta))`` otherwise.
+
+``cispo`` and ``vespo`` are TRL's policy objectives whose weight of ``A logp`` is detached (truncated importance
+weight, gamma weight of the sequence's ratio): they are not functions f(r) of the paper's form and are evaluated by
+``fused_gates.objective``; they are selectable by name but not listed by :func:`available_gates`.
 
 Formulas are written to stay finite and accurate over the whole reachable range of ratios (``exp(+-80)``, see
 :data:`MAX_LOG_RATIO`) and of temperatures: ``1 + c erf(.)`` is the paper's ``c (1 + erf(.)) + 1 - c`` without
@@ -43,7 +49,7 @@ MAX_LOG_RATIO = 80.0
 ``A * r`` finite in float32, whereas exp(89) is already infinite. Gates are therefore evaluated on
 ``[exp(-80), exp(80)]`` and are checked on all of it when registered."""
 
-BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4}
+BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4, "cispo": 6, "vespo": 7}
 CUSTOM_KERNEL_ID = 5
 """Gate ids shared with the Triton kernels, which select the device function by this constexpr."""
 
@@ -52,12 +58,18 @@ DEFAULT_CHECK_TAUS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 @dataclass(frozen=True)
 class GateParameters:
-    """The runtime floats of a gate: temperatures for the soft gates, epsilons for clip."""
+    """The runtime floats of a gate: temperatures for the soft gates, epsilons (and TRL's ``delta``) for clip,
+    ``epsilon_high`` for cispo, the gamma weight's shape for vespo."""
 
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
+    delta: float = math.inf
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,14 @@ class Gate:
         return self.kernel_id == BUILTIN_KERNEL_IDS["clip"]
 
     @property
+    def is_cispo(self) -> bool:
+        return self.kernel_id == BUILTIN_KERNEL_IDS["cispo"]
+
+    @property
+    def is_vespo(self) -> bool:
+        return self.kernel_id == BUILTIN_KERNEL_IDS["vespo"]
+
+    @property
     def runs_in_kernels(self) -> bool:
         """Whether the Triton kernels can evaluate this gate (built-in, or custom with its Triton pair)."""
         return self.kernel_id != CUSTOM_KERNEL_ID or (
@@ -99,14 +119,18 @@ class ClipGate(Gate):
 
     def evaluate(self, ratio: Tensor, advantages: Tensor, params: GateParameters) -> tuple[Tensor, Tensor]:
         positive = advantages > 0
-        upper, lower = 1.0 + params.epsilon_high, 1.0 - params.epsilon_low
-        value = torch.where(positive, ratio.clamp(max=upper), ratio.clamp(min=lower))
-        unclipped = torch.where(positive, ratio <= upper, (ratio >= lower) | (advantages == 0))
+        lower = 1.0 - params.epsilon_low
+        upper_positive = min(1.0 + params.epsilon_high, params.delta)  # -min(min(r, delta) A, clip(r) A), A > 0
+        upper_negative = max(1.0 + params.epsilon_high, params.delta)  # the same for A < 0
+        value = torch.where(positive, ratio.clamp(max=upper_positive), ratio.clamp(min=lower, max=upper_negative))
+        unclipped = torch.where(
+            positive, ratio <= upper_positive, ((ratio >= lower) & (ratio <= upper_negative)) | (advantages == 0)
+        )
         return value, unclipped.to(ratio.dtype)
 
 
-def _clip_unavailable(ratio: Tensor, tau: Tensor) -> Tensor:
-    raise TypeError("the clip gate depends on the advantage's sign and the epsilons: use Gate.evaluate")
+def _unavailable(ratio: Tensor, tau: Tensor) -> Tensor:
+    raise TypeError("this gate depends on the advantage's sign and its own parameters: use Gate.evaluate")
 
 
 def _sigmoid_value(ratio: Tensor, tau: Tensor) -> Tensor:
@@ -151,11 +175,14 @@ def _softsign_derivative(ratio: Tensor, tau: Tensor) -> Tensor:
 
 
 _BUILTIN_GATES: dict[str, Gate] = {
-    "clip": ClipGate("clip", _clip_unavailable, _clip_unavailable, kernel_id=BUILTIN_KERNEL_IDS["clip"]),
+    "clip": ClipGate("clip", _unavailable, _unavailable, kernel_id=BUILTIN_KERNEL_IDS["clip"]),
     "sigmoid": Gate("sigmoid", _sigmoid_value, _sigmoid_derivative, kernel_id=BUILTIN_KERNEL_IDS["sigmoid"]),
     "erf": Gate("erf", _erf_value, _erf_derivative, kernel_id=BUILTIN_KERNEL_IDS["erf"]),
     "arctan": Gate("arctan", _arctan_value, _arctan_derivative, kernel_id=BUILTIN_KERNEL_IDS["arctan"]),
     "softsign": Gate("softsign", _softsign_value, _softsign_derivative, kernel_id=BUILTIN_KERNEL_IDS["softsign"]),
+}
+_POLICY_OBJECTIVES: dict[str, Gate] = {
+    name: Gate(name, _unavailable, _unavailable, kernel_id=BUILTIN_KERNEL_IDS[name]) for name in ("cispo", "vespo")
 }
 _REGISTRY: dict[str, Gate] = dict(_BUILTIN_GATES)
 
@@ -183,7 +210,7 @@ def register_gate(
 
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
-    if name in _BUILTIN_GATES:
+    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
@@ -209,17 +236,19 @@ def unregister_gate(name: str) -> None:
 
 
 def get_gate(gate: str | Gate) -> Gate:
-    """The :class:`Gate` for a registered name (or the gate itself)."""
+    """The :class:`Gate` for a registered name, ``"cispo"`` or ``"vespo"`` (or the gate itself)."""
     if isinstance(gate, Gate):
         return gate
     if not isinstance(gate, str):
         raise TypeError(f"gate: expected a gate name or a Gate, got {type(gate).__name__}")
-    try:
-        return _REGISTRY[gate]
-    except KeyError:
-        raise ValueError(f"gate: unknown gate {gate!r}; registered gates: {', '.join(sorted(_REGISTRY))}") from None
+    found = _REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate)
+    if found is None:
+        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES])
+        raise ValueError(f"gate: unknown gate {gate!r}; registered gates: {names}")
+    return found
 
 
 def available_gates() -> list[str]:
-    """Names of the built-in and registered gates."""
+    """Names of the built-in and registered gates f(r) (TRL's cispo / vespo objectives are selectable by name too,
+    but are not gates of the paper's form)."""
     return sorted(_REGISTRY)

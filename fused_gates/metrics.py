@@ -22,18 +22,30 @@ def masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def effective_update_ratio(gate_grad: Tensor, tokens: TokenData, group_size: int | None) -> Tensor:
-    """Paper eq. 12 with the group convention of this module's docstring."""
+def effective_update_ratio(
+    gate_grad: Tensor, tokens: TokenData, group_size: int | None, group_ids: Tensor | None = None
+) -> Tensor:
+    """Paper eq. 12 with the group convention of this module's docstring; the groups are consecutive rows of
+    ``group_size``, or given per row by ``group_ids`` (ids in [0, B))."""
     m = tokens.mask
-    if group_size is None:
+    if group_size is None and group_ids is None:
         weighted, counts = (gate_grad * m).sum().reshape(1), m.sum().reshape(1)
     else:
-        groups = tokens.row // group_size
-        weighted = m.new_zeros(tokens.num_rows // group_size).index_add_(0, groups, gate_grad * m)
-        counts = m.new_zeros(tokens.num_rows // group_size).index_add_(0, groups, m)
+        groups = tokens.row // group_size if group_ids is None else group_ids[tokens.row]
+        bins = tokens.num_rows // group_size if group_ids is None else tokens.num_rows
+        weighted = m.new_zeros(bins).index_add_(0, groups, gate_grad * m)
+        counts = m.new_zeros(bins).index_add_(0, groups, m)
     present = counts > 0
     per_group = (weighted / counts.where(present, 1.0)).where(present, 0.0)
     return per_group.sum() / present.sum().clamp(min=1)
+
+
+def _row_or_token_mean(flags: Tensor, tokens: TokenData, per_row: bool) -> Tensor:
+    """TRL's mean of a flag: over tokens (mask-weighted), or over every row of the batch when its values are one per
+    row (sequence-level ratio with [B] advantages)."""
+    if not per_row:
+        return masked_mean(flags, tokens.mask)
+    return flags.new_zeros(tokens.num_rows).scatter_reduce_(0, tokens.row, flags, reduce="amax").mean()
 
 
 def loss_metrics(
@@ -45,15 +57,18 @@ def loss_metrics(
     gate_grad: Tensor,
     kl: Tensor,
     group_size: int | None,
+    group_ids: Tensor | None,
     row_advantages: bool,
 ) -> dict[str, Tensor]:
-    """``eur``, ``entropy``, ``ratio/mean|min|max``, ``gate/mean``, ``kl`` (beta != 0) and, for the clip gate, TRL's
-    ``clip_ratio/low_mean|high_mean|region_mean``; per-token inputs are those of the computed tokens."""
+    """``eur``, ``entropy``, ``ratio/mean|min|max``, ``gate/mean``, ``kl`` (beta != 0) and TRL's clip fractions:
+    ``clip_ratio/low_mean|high_mean|region_mean`` for clip, ``cispo_clip_ratio`` for cispo, ``vespo/phi_seq_mean`` for
+    vespo; per-token inputs are those of the computed tokens."""
     m = tokens.mask
     has_tokens = m.sum() > 0
     zero = m.new_zeros(())
+    per_row = config.sequence_level and row_advantages  # TRL's ratio and advantage are then [B, 1]
     metrics: dict[str, Tensor] = {
-        "eur": effective_update_ratio(gate_grad, tokens, group_size),
+        "eur": effective_update_ratio(gate_grad, tokens, group_size, group_ids),
         "entropy": masked_mean(entropy, m),
         "ratio/mean": masked_mean(ratio, m),
     }
@@ -65,19 +80,25 @@ def loss_metrics(
     metrics["gate/mean"] = masked_mean(gate_value, m)
     if config.beta != 0:
         metrics["kl"] = masked_mean(kl, m)
+    params = config.params
     if config.gate.is_clip:
-        params = config.params
-        low = ((ratio < 1 - params.epsilon_low) & (tokens.advantages < 0)).to(m.dtype)
-        high = ((ratio > 1 + params.epsilon_high) & (tokens.advantages > 0)).to(m.dtype)
-        if config.sequence_level and row_advantages:
-            # TRL's ratio and advantage are then [B, 1]: it counts rows (every row of the batch), not tokens.
-            low_mean = m.new_zeros(tokens.num_rows).scatter_reduce_(0, tokens.row, low, reduce="amax").mean()
-            high_mean = m.new_zeros(tokens.num_rows).scatter_reduce_(0, tokens.row, high, reduce="amax").mean()
-        else:
-            low_mean, high_mean = masked_mean(low, m), masked_mean(high, m)
+        capped = ratio.clamp(max=params.delta)  # TRL counts clipping on the ratio after the two-sided cap
+        low = ((capped < 1 - params.epsilon_low) & (tokens.advantages < 0)).to(m.dtype)
+        high = ((capped > 1 + params.epsilon_high) & (tokens.advantages > 0)).to(m.dtype)
+        low_mean, high_mean = _row_or_token_mean(low, tokens, per_row), _row_or_token_mean(high, tokens, per_row)
         metrics["clip_ratio/low_mean"] = low_mean
         metrics["clip_ratio/high_mean"] = high_mean
         metrics["clip_ratio/region_mean"] = low_mean + high_mean
+    elif config.gate.is_cispo:
+        clipped = ((ratio > params.epsilon_high) & (tokens.advantages > 0)).to(m.dtype)
+        metrics["cispo_clip_ratio"] = _row_or_token_mean(clipped, tokens, per_row)
+    elif config.gate.is_vespo:  # one phi per row with [B] advantages: the mean over rows that have a valid token
+        if row_advantages:
+            phi = m.new_zeros(tokens.num_rows).scatter_reduce_(0, tokens.row, gate_value, reduce="amax")
+            present = m.new_zeros(tokens.num_rows).index_add_(0, tokens.row, m) > 0
+            metrics["vespo/phi_seq_mean"] = (phi * present).sum() / present.sum().clamp(min=1)
+        else:
+            metrics["vespo/phi_seq_mean"] = masked_mean(gate_value, m)
     return metrics
 
 

@@ -1,28 +1,38 @@
 """The per-token part of the objective: O(N) work between the passes over the vocabulary.
 
 Given each valid token's log-prob ``logp_t`` and entropy ``H_t`` (the only quantities that need the vocabulary),
-this module forms the importance ratio, the gate, the KL term, the loss and the two gradient coefficients the
+this module forms the importance ratio, the policy term, the KL term, the loss and the two gradient coefficients the
 vocabulary pass needs:
 
-    loss = sum_t w_t l_t + sum_t e_t H_t,      l_t = -f(r_t) A_t + beta * kl_t [* r_t with bias correction]
-    g_t  = d loss / d logp_t,                  e_t = d loss / d H_t
+    loss = sum_t w_t l_t + sum_t e_t H_t,      g_t = d loss / d logp_t,      e_t = d loss / d H_t
+    l_t  = q_t P_t + beta kl_t [r_t with bias correction]
 
-``w_t`` (the aggregation weight of the loss type) and ``e_t`` (the entropy bonus) are fixed before the pass
-(:func:`aggregation_weights`). With ``dr/dlogp = r`` (token level) the chain rule gives
+``w_t`` (the aggregation weight of the loss type), ``e_t`` (the entropy bonus) and ``q_t`` (the policy weight: the
+sampler's importance ratio times the entropy mask, TRL's order) are fixed before the pass (:func:`aggregation_weights`,
+``fused_gates.tokens``). The policy term ``P_t`` is one of
 
-    g_t = w_t (-A_t f'(r_t) r_t + beta dkl_t [r_t] + beta kl_t r_t [bias correction])
+* a gate (clip, sigmoid, erf, arctan, softsign, custom): ``P = -f(r) A``, with ``dP/dr = -f'(r) A``;
+* ``cispo``: ``P = -min(r, eps_high) A logp`` with the weight detached, ``dP/dlogp = -min(r, eps_high) A``;
+* ``vespo``: ``P = -phi A logp`` with TRL's detached gamma weight of the row's summed log-ratio
+  ``log w = clamp(sum_t m_t clamp(logp - old, +-20) + sum_t clamp(log q^vllm_t, log 1e-8, 20), log 1e-8, 20)``,
+  ``phi = exp(lam + k log w - lam w)`` (k, lam by the sign of A, A >= 0 taking the positive pair).
 
-and at sequence level, where ``log r_i = sum_s m_s (logp_s - old_s) / n_i`` is shared by the tokens of row i,
+The ratio is ``r_t = exp(logp_t - old_t)`` (token level) or ``r_i = exp(sum_s m_s (logp_s - old_s) / n_i)`` shared
+by row i (sequence level), so with ``dr_t/dlogp_t = r_t`` and ``dr_i/dlogp_t = r_i m_t / n_i`` the chain rule gives
 
-    g_t = (m_t / n_i) r_i sum_{s in i} w_s (-A_s f'(r_i) [+ beta kl_s]) + w_t beta dkl_t [r_i]
+    token level:     g_t = w_t (q_t dP/dr r_t + [beta kl_t r_t]) + w_t (q_t dP/dlogp + beta dkl_t [r_t])
+    sequence level:  g_t = (m_t / n_i) r_i sum_{s in i} w_s (q_s dP_s/dr + [beta kl_s]) + w_t (...local, as above)
 
-with ``kl = exp(ref - logp) - (ref - logp) - 1`` (k3) and ``dkl = d kl / d logp = 1 - exp(ref - logp)``.
-Both backends call :func:`evaluate_objective` on the tokens of a chunk (whole rows at sequence level); the Triton
-row kernel carries the token-level formulas in its epilogue (``fused_gates.kernels.row_kernels``).
+with ``kl = exp(ref - logp) - (ref - logp) - 1`` (k3), ``dkl = 1 - exp(ref - logp)``. TRL's off-policy sequence mask
+multiplies ``q`` by ``1[A >= 0 or mean_t m_t (sampling_t - logp_t) <= threshold]`` of each row, from the current
+log-probs (detached). Whatever needs a whole row (sequence-level ratios, vespo, the off-policy mask) makes the
+backends give the objective whole rows. Both backends call :func:`evaluate_objective`; the Triton row kernel
+carries the token-level formulas in its epilogue (``fused_gates.kernels.row_kernels``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,8 +40,12 @@ from torch import Tensor
 
 from .gates import MAX_LOG_RATIO, Gate, GateParameters
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+VESPO_LOG_RATIO_CLAMP = 20.0
+VESPO_LOWER_LOG_WEIGHT = math.log(1e-8)
+"""TRL's clamps of the vespo weight: token log-ratios to +-20, the sequence's log-weight to [log 1e-8, 20]."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +58,13 @@ class ObjectiveConfig:
     beta: float
     use_bias_correction_kl: bool
     has_entropy_bonus: bool
+    off_policy_mask_threshold: float | None = None
 
     @property
     def needs_whole_rows(self) -> bool:
         """Whether a token's gradient coefficient depends on other tokens of its row (then a chunk must hold whole
         rows, or the backward recomputes)."""
-        return self.sequence_level
+        return self.sequence_level or self.gate.is_vespo or self.off_policy_mask_threshold is not None
 
 
 @dataclass
@@ -66,6 +81,9 @@ class TokenData:
     row: Tensor  # int64: the sequence (row of the batch) of each token
     row_share: Tensor  # m_t / n_i: d log r_i / d logp_t at sequence level
     num_rows: int
+    policy_weight: Tensor | None = None  # q_t before the off-policy mask; None: 1
+    sampling_logprobs: Tensor | None = None  # the off-policy mask's sampling log-probs; None: logp itself
+    vespo_log_offset: Tensor | None = None  # the row's sum_t clamp(log q^vllm_t), on each of its tokens
 
     @property
     def count(self) -> int:
@@ -88,9 +106,10 @@ class TokenTerms:
     grad_logprobs: Tensor  # g_t
     grad_entropy: Tensor  # e_t
     ratio: Tensor
-    gate_value: Tensor
-    gate_grad: Tensor
+    gate_value: Tensor  # f(r); for cispo / vespo the detached weight
+    gate_grad: Tensor  # f'(r); for cispo / vespo the weight over r (the update relative to plain IS)
     kl: Tensor | None  # the KL term of the loss (times r with bias correction)
+    policy_weight: Tensor | None = None  # q_t including the off-policy mask; None: 1
 
     @staticmethod
     def concatenate(parts: list[TokenTerms], like: Tensor) -> TokenTerms:
@@ -113,6 +132,7 @@ class TokenTerms:
             gate_value=cat("gate_value"),
             gate_grad=cat("gate_grad"),
             kl=cat("kl"),
+            policy_weight=cat("policy_weight"),
         )
 
 
@@ -132,28 +152,77 @@ def aggregation_weights(
     if loss_type == "dapo":
         items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
         return mask / items.to(mask.dtype).clamp(min=1.0)
+    if loss_type == "luspo":
+        return mask / batch
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def entropy_weights(mask: Tensor, entropy_coef: float) -> Tensor:
-    """``e[b, t]`` of the bonus ``-entropy_coef * sum m H / max(sum m, 1)`` (TRL's mean over the batch)."""
+    """``e[b, t]`` of the bonus ``-entropy_coef * sum m H / max(sum m, 1)`` (TRL's mean over the batch; ``mask``
+    already includes an entropy mask where one is given)."""
     return mask * (-entropy_coef / mask.sum().clamp(min=1.0))
 
 
-def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, config: ObjectiveConfig) -> TokenTerms:
-    """Loss contribution, gradient coefficients and per-token diagnostics of a set of tokens (whole rows at
-    sequence level). ``logprobs`` and ``entropy`` carry no autograd history."""
-    advantages = tokens.advantages
-    log_ratio = logprobs - tokens.old_logprobs if tokens.old_logprobs is not None else torch.zeros_like(logprobs)
-    if config.sequence_level:
-        per_row = logprobs.new_zeros(tokens.num_rows).index_add_(0, tokens.row, log_ratio * tokens.row_share)
-        log_ratio = per_row[tokens.row]
-    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-    gate_value, gate_grad = config.gate.evaluate(ratio, advantages, config.params)
+def _row_sum(values: Tensor, tokens: TokenData) -> Tensor:
+    return values.new_zeros(tokens.num_rows).index_add_(0, tokens.row, values)[tokens.row]
 
-    per_token_loss = -gate_value * advantages
-    loss_grad_ratio = -advantages * gate_grad  # d l_t / d r
-    local_grad = torch.zeros_like(logprobs)  # d l_t / d logp_t, besides through r
+
+def off_policy_keep(logprobs: Tensor, tokens: TokenData, threshold: float) -> Tensor:
+    """TRL's off-policy sequence mask on each token: keep where ``A >= 0`` or the row's mean of
+    ``m (sampling - logp)`` is at most ``threshold`` (NaN sampling log-probs count as no evidence)."""
+    sampling = logprobs if tokens.sampling_logprobs is None else tokens.sampling_logprobs
+    divergence = torch.nan_to_num(sampling - logprobs, nan=0.0)
+    row_tokens = _row_sum(tokens.mask, tokens).clamp(min=1.0)
+    mean_divergence = _row_sum(divergence * tokens.mask, tokens) / row_tokens
+    return ((tokens.advantages >= 0) | (mean_divergence <= threshold)).to(logprobs.dtype)
+
+
+def vespo_weight(log_ratio: Tensor, tokens: TokenData, params: GateParameters) -> Tensor:
+    """TRL's gamma weight ``phi`` of each token's row (its sign pair chosen by the token's advantage)."""
+    clamped = log_ratio.clamp(-VESPO_LOG_RATIO_CLAMP, VESPO_LOG_RATIO_CLAMP)
+    seq_log_ratio = _row_sum(clamped * tokens.mask, tokens)
+    if tokens.vespo_log_offset is not None:
+        seq_log_ratio = seq_log_ratio + tokens.vespo_log_offset
+    log_w = seq_log_ratio.clamp(VESPO_LOWER_LOG_WEIGHT, VESPO_LOG_RATIO_CLAMP)
+    nonnegative = tokens.advantages >= 0
+    k = torch.where(nonnegative, params.vespo_k_pos, params.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(nonnegative, params.vespo_lambda_pos, params.vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, config: ObjectiveConfig) -> TokenTerms:
+    """Loss contribution, gradient coefficients and per-token diagnostics of a set of tokens (whole rows when
+    ``config.needs_whole_rows``). ``logprobs`` and ``entropy`` carry no autograd history."""
+    advantages = tokens.advantages
+    token_log_ratio = logprobs - tokens.old_logprobs if tokens.old_logprobs is not None else torch.zeros_like(logprobs)
+    log_ratio = _row_sum(token_log_ratio * tokens.row_share, tokens) if config.sequence_level else token_log_ratio
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+    # The policy term P: d P / d r (through the ratio) and d P / d logp (directly, detached weights).
+    gate = config.gate
+    if gate.is_cispo or gate.is_vespo:
+        if gate.is_cispo:
+            weight = ratio.clamp(max=config.params.epsilon_high)
+        else:
+            weight = vespo_weight(token_log_ratio, tokens, config.params)
+        gate_value, gate_grad = weight, weight / ratio
+        policy = -weight * advantages * logprobs
+        policy_by_ratio, policy_by_logprob = torch.zeros_like(logprobs), -weight * advantages
+    else:
+        gate_value, gate_grad = gate.evaluate(ratio, advantages, config.params)
+        policy = -gate_value * advantages
+        policy_by_ratio, policy_by_logprob = -advantages * gate_grad, torch.zeros_like(logprobs)
+
+    policy_weight = tokens.policy_weight
+    if config.off_policy_mask_threshold is not None:
+        keep = off_policy_keep(logprobs, tokens, config.off_policy_mask_threshold)
+        policy_weight = keep if policy_weight is None else policy_weight * keep
+    if policy_weight is not None:
+        policy, policy_by_ratio, policy_by_logprob = (
+            policy * policy_weight, policy_by_ratio * policy_weight, policy_by_logprob * policy_weight
+        )
+
+    per_token_loss, loss_grad_ratio, local_grad = policy, policy_by_ratio, policy_by_logprob
     kl = None
     if config.beta != 0.0:
         assert tokens.ref_logprobs is not None
@@ -163,10 +232,10 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
         kl_grad = 1 - exp_delta
         if config.use_bias_correction_kl:
             loss_grad_ratio = loss_grad_ratio + config.beta * kl
-            local_grad = config.beta * kl_grad * ratio
+            local_grad = local_grad + config.beta * kl_grad * ratio
             kl = kl * ratio  # the term in the loss, as TRL logs it
         else:
-            local_grad = config.beta * kl_grad
+            local_grad = local_grad + config.beta * kl_grad
         per_token_loss = per_token_loss + config.beta * kl
 
     weight = tokens.loss_weight
@@ -174,8 +243,7 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
     if config.has_entropy_bonus:
         loss = loss + (tokens.entropy_weight * entropy).sum()
     if config.sequence_level:
-        row_grad = logprobs.new_zeros(tokens.num_rows).index_add_(0, tokens.row, weight * loss_grad_ratio)
-        grad_logprobs = row_grad[tokens.row] * ratio * tokens.row_share + weight * local_grad
+        grad_logprobs = _row_sum(weight * loss_grad_ratio, tokens) * ratio * tokens.row_share + weight * local_grad
     else:
         grad_logprobs = weight * (loss_grad_ratio * ratio + local_grad)
-    return TokenTerms(loss, grad_logprobs, tokens.entropy_weight, ratio, gate_value, gate_grad, kl)
+    return TokenTerms(loss, grad_logprobs, tokens.entropy_weight, ratio, gate_value, gate_grad, kl, policy_weight)

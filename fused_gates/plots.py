@@ -25,8 +25,10 @@ __all__ = [
     "GateCurve",
     "RunLog",
     "gate_curves",
+    "is_on_policy",
     "load_run",
     "moving_average",
+    "off_policy_eur",
     "pyplot",
     "render_gates",
     "render_runs",
@@ -203,7 +205,8 @@ def run_label(folder: str | Path) -> str:
 
 
 def describe_gate(settings: dict[str, Any]) -> str | None:
-    """``"erf (tau+ 10, tau- 12)"``, ``"clip (eps 0.2)"``; ``None`` when ``settings`` names no gate."""
+    """``"erf (tau+ 10, tau- 12)"``, ``"clip (eps 0.2)"``, ``"erf (tau+ 10, tau- 12, adapted to EUR 0.8)"`` (starting
+    temperatures); ``None`` when ``settings`` names no gate."""
     gate = settings.get("gate")
     if not gate:
         return None
@@ -211,7 +214,10 @@ def describe_gate(settings: dict[str, Any]) -> str | None:
         epsilon = settings.get("epsilon", 0.2)
         high = settings.get("epsilon_high")
         return f"clip (eps {epsilon:g})" if high in (None, epsilon) else f"clip (eps {epsilon:g} / {high:g})"
-    return f"{gate} (tau+ {settings.get('tau_pos', 1.0):g}, tau- {settings.get('tau_neg', 1.05):g})"
+    label = f"{gate} (tau+ {settings.get('tau_pos', 1.0):g}, tau- {settings.get('tau_neg', 1.05):g}"
+    if settings.get("eur_target") is not None:
+        label += f", adapted to EUR {settings['eur_target']:g}"
+    return label + ")"
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -239,10 +245,31 @@ def is_on_policy(row: dict[str, float]) -> bool:
     return row.get("ratio/min") == 1.0 and row.get("ratio/max") == 1.0
 
 
+def off_policy_eur(row: dict[str, Any]) -> float | None:
+    """The EUR of a logged step's off-policy updates; ``None`` when the step had none.
+
+    ``eur/off_policy`` when the trainer logs it (the token-weighted EUR of the step's off-policy micro-batches; a
+    step that logs ``eur/on_policy`` but no off-policy value had none). Otherwise the step's ``eur``, unless every
+    ratio of the step was exactly 1 (:func:`is_on_policy`).
+    """
+    value = row.get("eur/off_policy")
+    if value is not None:
+        return float(value) if math.isfinite(value) else None
+    if "eur/on_policy" in row:
+        return None
+    value = row.get("eur")
+    if value is None or not math.isfinite(value) or is_on_policy(row):
+        return None
+    return float(value)
+
+
 def metric_series(rows: Iterable[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
-    """``(steps, values)`` of the steps that logged ``key`` with a finite value (EUR: off-policy steps only)."""
-    points = [(row["step"], row[key]) for row in rows
-              if math.isfinite(row.get(key, math.nan)) and not (key == "eur" and is_on_policy(row))]
+    """``(steps, values)`` of the steps that logged ``key`` with a finite value; ``"eur"`` is the off-policy EUR
+    (:func:`off_policy_eur`)."""
+    if key == "eur":
+        points = [(row["step"], value) for row in rows if (value := off_policy_eur(row)) is not None]
+    else:
+        points = [(row["step"], row[key]) for row in rows if math.isfinite(row.get(key, math.nan))]
     return [step for step, _ in points], [value for _, value in points]
 
 

@@ -1,15 +1,19 @@
 """The specification: a naive reference of the loss that every backend is compared with (materialised logits,
 float64, autograd).
 
-Written from the paper's equations and TRL 1.16's ``_compute_loss`` directly, importing nothing else from this
-package (a test enforces it): gate values are the paper's formulas and their derivatives come from autograd, so a
-wrong closed-form f' in the package shows up as a gradient mismatch. The tests, the benchmarks' correctness checks
-and the GPU checks all compare with :func:`reference_loss`.
+Written from the paper's equations and TRL 1.16's ``GRPOTrainer._compute_loss`` directly, importing nothing else from
+this package (a test enforces it): gate values are the paper's formulas and their derivatives come from autograd, so
+a wrong closed-form f' in the package shows up as a gradient mismatch; TRL's objectives (clip with ``delta``, sapo,
+cispo, vespo), its masks (off-policy, entropy), the sampler's importance ratio, the KL and the aggregations are
+written as TRL writes them, on ``[B, T]`` tensors. The tests, the benchmarks' correctness checks and the GPU checks
+all compare with :func:`reference_loss`.
 
 Conventions it fixes: EUR (paper eq. 12) is the mean over prompt groups of the group's token mean of f'(r) with
 the mask's weights; groups without a valid token are left out, no valid token at all gives 0, and without
-``group_size`` the batch is one group. ``nonfinite_tokens`` counts tokens with the mask set whose log-prob or
-entropy is not finite.
+``group_size`` / ``group_ids`` the batch is one group. For cispo and vespo, whose weight of ``-A logp`` is
+detached, ``gate_value`` is that weight and ``gate_grad`` the weight over r; ``vespo/phi_seq_mean`` averages the
+rows that have a valid token. ``nonfinite_tokens`` counts tokens with the mask set whose log-prob or entropy is not
+finite. Per-token outputs are 0 at masked positions.
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ class ReferenceResult:
     gate_grad: Tensor
     eur: Tensor
     metrics: dict[str, Tensor]
+    kl: Tensor
+    policy_weight: Tensor
+
+
+def _gamma_weights(advantages, log_ratio, mask, sampling_ratio, k_pos, lambda_pos, k_neg, lambda_neg):
+    """TRL's vespo weight phi (detached), [B, 1] or [B, T]."""
+    seq_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+    if sampling_ratio is not None:
+        seq_log_ratio = seq_log_ratio + torch.clamp(torch.log(sampling_ratio), math.log(1e-8), 20.0).sum(
+            -1, keepdim=True)
+    log_w = torch.clamp(seq_log_ratio, math.log(1e-8), 20.0)
+    nonnegative = advantages >= 0
+    k = torch.where(nonnegative, k_pos, k_neg)
+    lam = torch.where(nonnegative, lambda_pos, lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
 
 
 def reference_loss(
@@ -63,6 +83,9 @@ def reference_loss(
     tau_neg: float = 1.05,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    delta: float | None = None,
+    vespo_k: tuple[float, float] = (2.0, 3.0),
+    vespo_lambda: tuple[float, float] = (3.0, 2.0),
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
@@ -70,47 +93,76 @@ def reference_loss(
     beta: float = 0.0,
     use_bias_correction_kl: bool = False,
     temperature: float = 1.0,
+    logit_softcap: float | None = None,
     entropy_coef: float = 0.0,
     bias: Tensor | None = None,
+    sampling_ratio: Tensor | None = None,
+    entropy_mask: Tensor | None = None,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logprobs: Tensor | None = None,
     group_size: int | None = None,
+    group_ids: Tensor | None = None,
     custom_value=None,
 ) -> ReferenceResult:
     """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves)."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     batch, length, _ = hidden.shape
-    mask = torch.ones(batch, length, dtype=hidden.dtype)
+    dtype = hidden.dtype
+    mask = torch.ones(batch, length, dtype=dtype)
     if completion_mask is not None:
-        mask = completion_mask.to(hidden.dtype)
+        mask = completion_mask.to(dtype)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
     logits = logits / temperature
     log_probs_all = torch.log_softmax(logits, dim=-1)
     logp = log_probs_all.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
     probs = log_probs_all.exp()
     entropy = -(probs * log_probs_all).sum(-1)
 
-    adv = advantages.to(hidden.dtype)
+    adv = advantages.to(dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(hidden.dtype)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     log_ratio = logp - old
     if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    ratio = torch.exp(log_ratio)
+        log_importance = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        log_importance = log_ratio
+    coef_1 = torch.exp(log_importance)
+    a_b = adv.expand(batch, length)
+    r_b = coef_1.expand(batch, length)
 
+    phi = None
     if gate == "clip":
-        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)
-        r_b = ratio.expand(batch, length) if ratio.shape[1] == 1 else ratio
-        a_b = adv.expand(batch, length)
-        gate_value = torch.where(a_b > 0, torch.clamp(r_b, max=1 + eps_high), torch.clamp(r_b, min=1 - epsilon_low))
-        gate_grad = torch.where(a_b > 0, (r_b <= 1 + eps_high).to(hidden.dtype),
-                                ((r_b >= 1 - epsilon_low) | (a_b == 0)).to(hidden.dtype))
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+        capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)
+        per_token = -torch.min(capped * adv, coef_2 * adv)
+        # f(r) = -per_token / A where A != 0; the same form (the A < 0 branch) where A = 0
+        gate_value = torch.where(a_b > 0, torch.min(capped, coef_2).expand(batch, length),
+                                 torch.max(capped, coef_2).expand(batch, length))
+        probe = r_b.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            probe_capped = probe if delta is None else torch.clamp(probe, max=delta)
+            probe_clipped = torch.clamp(probe, 1 - epsilon_low, 1 + eps_high)
+            f = torch.where(a_b > 0, torch.min(probe_capped, probe_clipped), torch.max(probe_capped, probe_clipped))
+            (gate_grad,) = torch.autograd.grad(f.sum(), probe)
+        gate_grad = torch.where(a_b == 0, torch.ones_like(gate_grad), gate_grad)
+    elif gate == "cispo":
+        clamped = torch.clamp(coef_1, max=eps_high).detach()
+        per_token = -clamped * adv * logp
+        gate_value = clamped.expand(batch, length)
+        gate_grad = (clamped / coef_1.detach()).expand(batch, length)
+    elif gate == "vespo":
+        phi = _gamma_weights(adv, log_ratio, mask, sampling_ratio, vespo_k[0], vespo_lambda[0], vespo_k[1],
+                             vespo_lambda[1])
+        per_token = -phi * adv * logp
+        gate_value = phi.expand(batch, length)
+        gate_grad = (phi / coef_1.detach()).expand(batch, length)
     else:
         opts = {"tau_pos": tau_pos, "tau_neg": tau_neg}
-        a_b = adv.expand(batch, length)
-        r_b = ratio.expand(batch, length)
 
         def value(r: Tensor) -> Tensor:
             if custom_value is not None:
@@ -124,10 +176,23 @@ def reference_loss(
         with torch.enable_grad():
             (gate_grad,) = torch.autograd.grad(value(probe).sum(), probe)
 
+    policy_weight = torch.ones(batch, length, dtype=dtype)
+    if off_policy_mask_threshold is not None:
+        sampling = old if sampling_logprobs is None else sampling_logprobs.to(dtype)
+        divergence = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+        mean_divergence = (divergence * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        policy_weight = policy_weight * ((adv >= 0) | (mean_divergence <= off_policy_mask_threshold)).to(dtype)
+    if entropy_mask is not None:
+        policy_weight = policy_weight * entropy_mask.to(dtype)
+    if sampling_ratio is not None and gate != "vespo":
+        policy_weight = policy_weight * sampling_ratio.to(dtype)
+    per_token = per_token * policy_weight
+
+    kl = torch.zeros(batch, length, dtype=dtype)
     if beta != 0:
         kl = torch.exp(ref_logprobs - logp) - (ref_logprobs - logp) - 1
         if use_bias_correction_kl:
-            kl = kl * ratio
+            kl = kl * coef_1
         per_token = per_token + beta * kl
 
     if loss_type == "grpo":
@@ -139,48 +204,61 @@ def reference_loss(
     elif loss_type == "dapo":
         items = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
         loss = (per_token * mask).sum() / items.clamp(min=1.0)
+    elif loss_type == "luspo":
+        loss = (per_token * mask).sum(-1).mean()
     else:
         raise ValueError(loss_type)
+    policy_loss = loss.detach()
     if entropy_coef:
-        loss = loss - entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+        bonus_mask = mask if entropy_mask is None else mask * entropy_mask.to(dtype)
+        loss = loss - entropy_coef * (entropy * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
 
     def masked_mean(x: Tensor) -> Tensor:
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
     gg = gate_grad.detach()
+    if group_ids is None:
+        size = batch if group_size is None else group_size
+        group_ids = torch.arange(batch) // size
     per_group = []
-    size = batch if group_size is None else group_size
-    for g in range(batch // size):
-        rows = slice(g * size, (g + 1) * size)
+    for g in torch.unique(group_ids).tolist():
+        rows = group_ids == g
         count = mask[rows].sum()
         if count > 0:
             per_group.append((gg[rows] * mask[rows]).sum() / count)
-    eur = torch.stack(per_group).mean() if per_group else torch.zeros((), dtype=hidden.dtype)
-    r_tok = ratio.detach().expand(batch, length)
+    eur = torch.stack(per_group).mean() if per_group else torch.zeros((), dtype=dtype)
     valid = mask != 0
     metrics = {
         "eur": eur,
         "entropy": masked_mean(entropy.detach()),
-        "ratio/mean": masked_mean(r_tok),
-        "ratio/min": r_tok[valid].min() if valid.any() else torch.zeros((), dtype=hidden.dtype),
-        "ratio/max": r_tok[valid].max() if valid.any() else torch.zeros((), dtype=hidden.dtype),
+        "ratio/mean": masked_mean(r_b.detach()),
+        "ratio/min": r_b.detach()[valid].min() if valid.any() else torch.zeros((), dtype=dtype),
+        "ratio/max": r_b.detach()[valid].max() if valid.any() else torch.zeros((), dtype=dtype),
         "gate/mean": masked_mean(gate_value.detach()),
-        "nonfinite_tokens": (valid & ~(logp.detach().isfinite() & entropy.detach().isfinite())).sum().to(hidden.dtype),
+        "policy_loss": policy_loss,
+        "nonfinite_tokens": (valid & ~(logp.detach().isfinite() & entropy.detach().isfinite())).sum().to(dtype),
     }
     if beta != 0:
         metrics["kl"] = masked_mean(kl.detach().expand(batch, length))  # TRL logs the corrected term
+
+    def trl_mean(flags: Tensor) -> Tensor:  # TRL's global_masked_mean on one process
+        return flags.mean() if flags.shape[1] == 1 else masked_mean(flags)
+
     if gate == "clip":
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(hidden.dtype)
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(hidden.dtype)
-        if low.shape[1] == 1:  # sequence level with [B] advantages: TRL averages over rows
-            low_mean, high_mean = low.mean(), high.mean()
-        else:
-            low_mean, high_mean = masked_mean(low), masked_mean(high)
+        capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)  # TRL reassigns coef_1
+        low = ((capped < 1 - epsilon_low) & (adv < 0)).to(dtype)
+        high = ((capped > 1 + eps_high) & (adv > 0)).to(dtype)
         metrics.update({
-            "clip_ratio/low_mean": low_mean,
-            "clip_ratio/high_mean": high_mean,
-            "clip_ratio/region_mean": low_mean + high_mean,
+            "clip_ratio/low_mean": trl_mean(low),
+            "clip_ratio/high_mean": trl_mean(high),
+            "clip_ratio/region_mean": trl_mean(low) + trl_mean(high),
         })
+    elif gate == "cispo":
+        metrics["cispo_clip_ratio"] = trl_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype))
+    elif gate == "vespo":  # over the rows that have a valid token (TRL's would also average phi of empty rows)
+        rows = mask.sum(-1) > 0
+        metrics["vespo/phi_seq_mean"] = (phi[rows].mean() if phi.shape[1] == 1 else masked_mean(phi)) \
+            if rows.any() else torch.zeros((), dtype=dtype)
 
     def zero_masked(x: Tensor) -> Tensor:
         return torch.where(valid, x.detach().expand(batch, length), torch.zeros((), dtype=x.dtype))
@@ -189,9 +267,11 @@ def reference_loss(
         loss=loss,
         logprobs=zero_masked(logp),
         entropy=zero_masked(entropy),
-        ratio=zero_masked(ratio),
+        ratio=zero_masked(coef_1),
         gate_value=zero_masked(gate_value),
         gate_grad=zero_masked(gate_grad),
         eur=eur,
         metrics=metrics,
+        kl=zero_masked(kl),
+        policy_weight=zero_masked(policy_weight),
     )

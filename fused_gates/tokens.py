@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .arguments import HeadArguments, LossArguments, ValueCheck, run_value_checks
-from .objective import TokenData, aggregation_weights, entropy_weights
+from .objective import VESPO_LOG_RATIO_CLAMP, VESPO_LOWER_LOG_WEIGHT, TokenData, aggregation_weights, entropy_weights
 
 HIDDEN_NONFINITE = (
     "{count} token(s) where the mask is set have non-finite hidden states (inf or NaN, e.g. an overflow in the "
@@ -127,19 +127,24 @@ def plan_loss_tokens(head: HeadArguments, args: LossArguments) -> LossTokens:
     loss_weight = aggregation_weights(full_mask, args.loss_type, args.max_completion_length, args.num_items_in_batch)
     row_tokens = full_mask.sum(-1, keepdim=True).clamp(min=1.0)
     rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
+    entropy_mask = None if args.entropy_mask is None else args.entropy_mask.to(acc)
+    bonus_mask = full_mask if entropy_mask is None else full_mask * entropy_mask
     tokens = TokenData(
         advantages=plan.gather(args.advantages.to(acc)),
         mask=plan.gather(full_mask),
         loss_weight=plan.gather(loss_weight),
-        entropy_weight=plan.gather(entropy_weights(full_mask, args.entropy_coef)),
+        entropy_weight=plan.gather(entropy_weights(bonus_mask, args.entropy_coef)),
         old_logprobs=None if args.old_logprobs is None else plan.gather(args.old_logprobs.to(acc)),
         ref_logprobs=None if args.ref_logprobs is None else plan.gather(args.ref_logprobs.to(acc)),
         row=plan.gather(rows),
         row_share=plan.gather(full_mask / row_tokens),
         num_rows=batch,
+        policy_weight=_policy_weight(args, entropy_mask, acc, plan),
+        sampling_logprobs=_sampling_logprobs(args, acc, plan),
+        vespo_log_offset=_vespo_log_offset(args, acc, plan),
     )
     ids = plan.gather_rows(head.ids)
-    checks = _id_check(ids, head.vocab) + checks
+    checks = _id_check(ids, head.vocab) + checks + _option_checks(args, selected)
     if tokens.count:
         checks.append(ValueCheck("advantages", "must be finite where the mask is set",
                                  ~torch.isfinite(tokens.advantages).all()))
@@ -150,3 +155,48 @@ def plan_loss_tokens(head: HeadArguments, args: LossArguments) -> LossTokens:
                                              ~torch.isfinite(value).all()))
     run_value_checks(checks)
     return LossTokens(plan, plan.gather_rows(head.hidden), ids, tokens, tokens.mask, flagged)
+
+
+def _policy_weight(args: LossArguments, entropy_mask: Tensor | None, acc: torch.dtype, plan: TokenPlan):
+    """``q_t``: the sampler's importance ratio (TRL applies it to every objective but vespo, which takes it into its
+    weight instead) times the entropy mask."""
+    weight = None
+    if args.sampling_ratio is not None and not args.config.gate.is_vespo:
+        weight = args.sampling_ratio.to(acc)
+    if entropy_mask is not None:
+        weight = entropy_mask if weight is None else weight * entropy_mask
+    return None if weight is None else plan.gather(weight)
+
+
+def _sampling_logprobs(args: LossArguments, acc: torch.dtype, plan: TokenPlan) -> Tensor | None:
+    """The off-policy mask's sampling log-probs: given, else the behaviour policy's, else (on-policy) none."""
+    if args.config.off_policy_mask_threshold is None:
+        return None
+    sampling = args.sampling_logprobs if args.sampling_logprobs is not None else args.old_logprobs
+    return None if sampling is None else plan.gather(sampling.to(acc))
+
+
+def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan) -> Tensor | None:
+    """vespo's ``sum_t clamp(log q^vllm_t, log 1e-8, 20)`` of each row, over every position as TRL sums it."""
+    if not args.config.gate.is_vespo or args.sampling_ratio is None:
+        return None
+    log_ratio = torch.log(args.sampling_ratio.to(acc)).clamp(VESPO_LOWER_LOG_WEIGHT, VESPO_LOG_RATIO_CLAMP)
+    row_sum = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
+    return plan.gather(row_sum)
+
+
+def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
+    checks = []
+    if args.sampling_ratio is not None:
+        ratio = args.sampling_ratio
+        checks.append(ValueCheck("sampling_ratio", "must be finite and >= 0 where the mask is set",
+                                 (selected & ~(torch.isfinite(ratio) & (ratio >= 0))).any()))
+    if args.entropy_mask is not None:
+        mask = args.entropy_mask.float()
+        checks.append(ValueCheck("entropy_mask", "must be finite and >= 0",
+                                 ~(torch.isfinite(mask) & (mask >= 0)).all()))
+    if args.group_ids is not None:
+        batch = args.group_ids.shape[0]
+        checks.append(ValueCheck("group_ids", f"must lie in [0, {batch}) (B)",
+                                 (args.group_ids.min() < 0) | (args.group_ids.max() >= batch)))
+    return checks

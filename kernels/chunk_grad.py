@@ -157,6 +157,7 @@ def _fused_token_chunk(
         tokens.ref_logprobs if has_kl else None,
         tokens.loss_weight,
         tokens.entropy_weight if config.has_entropy_bonus else None,
+        tokens.policy_weight,
         out["logprobs"],
         out["entropy"],
         out["log_sum_exp"],
@@ -174,6 +175,7 @@ def _fused_token_chunk(
         params.tau_neg,
         params.epsilon_low,
         params.epsilon_high,
+        params.delta,
         config.beta,
         GATE=gate_id,
         CUSTOM_VALUE=value_fn,
@@ -189,6 +191,7 @@ def _fused_token_chunk(
         gate_value=terms["gate_value"],
         gate_grad=terms["gate_grad"],
         kl=terms["kl"] if has_kl else None,
+        policy_weight=tokens.policy_weight,
     )
     return dz, chunk_terms
 

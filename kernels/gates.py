@@ -7,8 +7,9 @@ Same maths and the same overflow-safe forms as :mod:`fused_gates.gates` (``u = r
     erf       f = 1 + c erf(x / sqrt 2)                    f' = exp(-x^2 / 2),   c = sqrt(pi / 2) / tau
     arctan    f = 1 + atan(x) / tau                        f' = 1 / (1 + x^2)
     softsign  f = 1 + (x / hypot(1, x)) / tau              f' = hypot(1, x)^-3
-    clip      f = min(r, 1 + eps_high) if A > 0 else max(r, 1 - eps_low)
-              f' = 1[r <= 1 + eps_high] if A > 0, 1[r >= 1 - eps_low] if A < 0, 1 if A = 0
+    clip      f = min(r, 1 + eps_high, delta) if A > 0 else clamp(r, 1 - eps_low, max(1 + eps_high, delta))
+              f' = 1 where f = r (unclipped), else 0; 1 if A = 0    (delta = inf: TRL's plain clip)
+    cispo     f = min(r, eps_high) (TRL's detached weight of -A logp)   f' = f / r (relative to plain IS)
 
 Temperatures and epsilons are runtime arguments (a new value must not recompile the kernels); only the gate id
 and a custom gate's pair of ``@triton.jit`` functions ``(ratio, tau) -> tensor`` are compile-time constants.
@@ -29,6 +30,7 @@ SIGMOID = tl.constexpr(BUILTIN_KERNEL_IDS["sigmoid"])
 ERF = tl.constexpr(BUILTIN_KERNEL_IDS["erf"])
 ARCTAN = tl.constexpr(BUILTIN_KERNEL_IDS["arctan"])
 SOFTSIGN = tl.constexpr(BUILTIN_KERNEL_IDS["softsign"])
+CISPO = tl.constexpr(BUILTIN_KERNEL_IDS["cispo"])
 CUSTOM = tl.constexpr(CUSTOM_KERNEL_ID)
 
 _SQRT_HALF_PI = tl.constexpr(math.sqrt(math.pi / 2))
@@ -79,20 +81,29 @@ def gate_value_and_derivative(
     tau_neg,
     epsilon_low,
     epsilon_high,
+    delta,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
     CUSTOM_DERIVATIVE: tl.constexpr,
 ):
     """``(f(r), f'(r))`` elementwise; ``tau = tau_pos`` where ``A > 0``, else ``tau_neg`` (``A = 0`` included)."""
     if GATE == CLIP:
-        upper = 1.0 + epsilon_high
         lower = 1.0 - epsilon_low
+        upper_positive = tl.minimum(1.0 + epsilon_high, delta)  # -min(min(r, delta) A, clip(r) A) for A > 0
+        upper_negative = tl.maximum(1.0 + epsilon_high, delta)  # and for A < 0
         positive = advantage > 0
-        value = tl.where(positive, tl.minimum(ratio, upper), tl.maximum(ratio, lower))
+        value = tl.where(
+            positive, tl.minimum(ratio, upper_positive), tl.minimum(tl.maximum(ratio, lower), upper_negative)
+        )
         # At A = 0 the loss and its gradient vanish whatever f' is; f' = 1 keeps EUR = 1 - clip ratio (TRL counts
         # only A != 0 tokens as clipped).
-        unclipped = tl.where(positive, ratio <= upper, (ratio >= lower) | (advantage == 0))
+        unclipped = tl.where(
+            positive, ratio <= upper_positive, ((ratio >= lower) & (ratio <= upper_negative)) | (advantage == 0)
+        )
         derivative = unclipped.to(tl.float32)
+    elif GATE == CISPO:
+        value = tl.minimum(ratio, epsilon_high)
+        derivative = value / ratio
     else:
         tau = tl.where(advantage > 0, tau_pos, tau_neg)
         x = tau * (ratio - 1.0)
@@ -129,6 +140,7 @@ def _gate_grid_kernel(
     tau_neg,
     epsilon_low,
     epsilon_high,
+    delta,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
     CUSTOM_DERIVATIVE: tl.constexpr,
@@ -139,7 +151,7 @@ def _gate_grid_kernel(
     b_r = tl.load(p_ratio + o_i, mask=m_i, other=1.0)
     b_a = tl.load(p_advantage + o_i, mask=m_i, other=0.0)
     b_f, b_df = gate_value_and_derivative(
-        b_r, b_a, tau_pos, tau_neg, epsilon_low, epsilon_high, GATE, CUSTOM_VALUE, CUSTOM_DERIVATIVE
+        b_r, b_a, tau_pos, tau_neg, epsilon_low, epsilon_high, delta, GATE, CUSTOM_VALUE, CUSTOM_DERIVATIVE
     )
     tl.store(p_value + o_i, b_f, mask=m_i)
     tl.store(p_derivative + o_i, b_df, mask=m_i)
@@ -179,6 +191,7 @@ def _launch_gate_grid(gate_id, value_fn, derivative_fn, ratio, advantages, param
         params.tau_neg,
         params.epsilon_low,
         params.epsilon_high,
+        params.delta,
         GATE=gate_id,
         CUSTOM_VALUE=value_fn,
         CUSTOM_DERIVATIVE=derivative_fn,

@@ -13,12 +13,13 @@ the backward products). The epilogue is :func:`token_objective`, the token-level
 ``fused_gates.objective.evaluate_objective``:
 
     r = exp(clamp(logp - old, +-80))       f(r), f'(r) from the gate (tau = tau_pos if A > 0 else tau_neg)
-    l = -f(r) A + beta kl [* r]            kl = exp(d) - d - 1, d = clamp(ref - logp, +-80)
+    P = -f(r) A  (cispo: -min(r, eps_high) A logp, weight detached)
+    l = q P + beta kl [* r]                kl = exp(d) - d - 1, d = clamp(ref - logp, +-80), q the policy weight
     loss_t = w l + e H,                    g = w (dl/dr r + dl/dlogp)
 
 Optional inputs are ``None`` pointers; the flags that select the code (``HAS_BIAS``, ``HAS_OLD``, ``HAS_KL``,
-``HAS_ENTROPY``) are derived from them by ``triton.heuristics``. Runtime floats (temperatures, epsilons, beta) are
-runtime arguments: a new value never recompiles.
+``HAS_ENTROPY``, ``HAS_POLICY_WEIGHT``) are derived from them by ``triton.heuristics``. Runtime floats
+(temperatures, epsilons, delta, beta) are runtime arguments: a new value never recompiles.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..gates import MAX_LOG_RATIO
-from .gates import gate_value_and_derivative
+from .gates import CISPO, gate_value_and_derivative
 from .online_softmax import block_statistics, finish_statistics, merge_statistics
 
 _MAX_LOG_RATIO = tl.constexpr(MAX_LOG_RATIO)
@@ -103,10 +104,12 @@ def token_objective(
     ref_logprob,
     loss_weight,
     entropy_weight,
+    policy_weight,
     tau_pos,
     tau_neg,
     epsilon_low,
     epsilon_high,
+    delta,
     beta,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
@@ -123,11 +126,16 @@ def token_objective(
         log_ratio = logprob * 0.0  # on-policy: r = 1 with gradient dr/dlogp = r
     ratio = tl.exp(log_ratio)
     value, derivative = gate_value_and_derivative(
-        ratio, advantage, tau_pos, tau_neg, epsilon_low, epsilon_high, GATE, CUSTOM_VALUE, CUSTOM_DERIVATIVE
+        ratio, advantage, tau_pos, tau_neg, epsilon_low, epsilon_high, delta, GATE, CUSTOM_VALUE, CUSTOM_DERIVATIVE
     )
-    token_loss = -value * advantage
-    grad_ratio = -advantage * derivative
-    grad_local = logprob * 0.0
+    if GATE == CISPO:  # the weight min(r, eps_high) of -A logp is detached: no gradient through r
+        token_loss = -value * advantage * logprob * policy_weight
+        grad_ratio = logprob * 0.0
+        grad_local = -value * advantage * policy_weight
+    else:
+        token_loss = -value * advantage * policy_weight
+        grad_ratio = -advantage * derivative * policy_weight
+        grad_local = logprob * 0.0
     kl = logprob * 0.0
     if HAS_KL:
         delta = tl.minimum(tl.maximum(ref_logprob - logprob, -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
@@ -135,10 +143,10 @@ def token_objective(
         kl = exp_delta - delta - 1.0
         if BIAS_CORRECTION:
             grad_ratio += beta * kl
-            grad_local = beta * (1.0 - exp_delta) * ratio
+            grad_local += beta * (1.0 - exp_delta) * ratio
             kl = kl * ratio
         else:
-            grad_local = beta * (1.0 - exp_delta)
+            grad_local += beta * (1.0 - exp_delta)
         token_loss += beta * kl
     weighted_loss = loss_weight * token_loss
     if HAS_ENTROPY:
@@ -153,6 +161,7 @@ def token_objective(
         "HAS_OLD": _given("p_old_logprobs"),
         "HAS_KL": _given("p_ref_logprobs"),
         "HAS_ENTROPY": _given("p_entropy_weight"),
+        "HAS_POLICY_WEIGHT": _given("p_policy_weight"),
     }
 )
 @triton.jit
@@ -166,6 +175,7 @@ def fused_token_rows_kernel(
     p_ref_logprobs,
     p_loss_weight,
     p_entropy_weight,
+    p_policy_weight,
     p_logprobs,
     p_entropy,
     p_log_sum_exp,
@@ -183,6 +193,7 @@ def fused_token_rows_kernel(
     tau_neg,
     epsilon_low,
     epsilon_high,
+    delta,
     beta,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
@@ -192,6 +203,7 @@ def fused_token_rows_kernel(
     HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_POLICY_WEIGHT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One token row: statistics, the objective's epilogue, then dz over the row."""
@@ -206,6 +218,7 @@ def fused_token_rows_kernel(
     old_logprob = tl.load(p_old_logprobs + i) if HAS_OLD else 0.0
     ref_logprob = tl.load(p_ref_logprobs + i) if HAS_KL else 0.0
     entropy_weight = tl.load(p_entropy_weight + i) if HAS_ENTROPY else 0.0
+    policy_weight = tl.load(p_policy_weight + i) if HAS_POLICY_WEIGHT else 1.0
     token_loss, grad_logprob, ratio, value, derivative, kl = token_objective(
         logprob,
         entropy,
@@ -214,10 +227,12 @@ def fused_token_rows_kernel(
         ref_logprob,
         tl.load(p_loss_weight + i),
         entropy_weight,
+        policy_weight,
         tau_pos,
         tau_neg,
         epsilon_low,
         epsilon_high,
+        delta,
         beta,
         GATE,
         CUSTOM_VALUE,
