@@ -68,6 +68,7 @@ def gated_policy_loss(
     beta: float = 0.0,
     use_bias_correction_kl: bool = False,
     temperature: float = 1.0,
+    logit_softcap: float | None = None,
     entropy_coef: float = 0.0,
     bias: Tensor | None = None,
     sampling_ratio: Tensor | None = None,
@@ -83,14 +84,16 @@ def gated_policy_loss(
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
 
-    Per completion token, with ``z = (hidden @ weight.T + bias) / temperature``: ``logp = log_softmax(z)[id]``,
-    ``r = exp(logp - old_logprobs)`` (``r = 1`` with the on-policy gradient when ``old_logprobs`` is None), the
-    gate ``f(r)`` with ``tau = tau_pos`` where the advantage is positive and ``tau_neg`` otherwise (``clip`` uses
-    ``epsilon_low`` / ``epsilon_high``), and the per-token loss ``-f(r) A + beta * k3_kl(ref, logp)``. The tokens are
-    aggregated as TRL 1.16's ``GRPOTrainer`` does for ``loss_type`` (before dividing by gradient-accumulation
-    steps): ``grpo`` (mean over rows of the row's token mean), ``bnpo`` (token mean over the batch), ``dr_grpo``
-    (sum / (B * max_completion_length)), ``dapo`` (sum / num_items_in_batch, default the token count), ``luspo``
-    (mean over rows of the row's sum). ``entropy_coef`` subtracts ``entropy_coef * mean entropy``.
+    Per completion token, with ``z = (hidden @ weight.T + bias) / temperature`` (soft-capped models: ``z =
+    logit_softcap * tanh((hidden @ weight.T + bias) / logit_softcap) / temperature``): ``logp =
+    log_softmax(z)[id]``, ``r = exp(logp - old_logprobs)`` (``r = 1`` with the on-policy gradient when
+    ``old_logprobs`` is None), the gate ``f(r)`` with ``tau = tau_pos`` where the advantage is positive and
+    ``tau_neg`` otherwise (``clip`` uses ``epsilon_low`` / ``epsilon_high``), and the per-token loss ``-f(r) A +
+    beta * k3_kl(ref, logp)``. The tokens are aggregated as TRL 1.16's ``GRPOTrainer`` does for ``loss_type``
+    (before dividing by gradient-accumulation steps): ``grpo`` (mean over rows of the row's token mean), ``bnpo``
+    (token mean over the batch), ``dr_grpo`` (sum / (B * max_completion_length)), ``dapo`` (sum /
+    num_items_in_batch, default the token count), ``luspo`` (mean over rows of the row's sum). ``entropy_coef``
+    subtracts ``entropy_coef * mean entropy``.
 
     TRL 1.16's objectives map onto ``gate`` and ``loss_type``: its grpo / bnpo / dr_grpo / dapo / luspo are
     ``gate="clip"`` (with ``delta``) and that aggregation, ``sapo`` is ``gate="sigmoid"`` with ``loss_type="grpo"``,
@@ -135,6 +138,9 @@ def gated_policy_loss(
             as are tokens with non-finite ``old_logprobs`` / ``ref_logprobs``) or ``"propagate"`` (computed as is:
             NaN reaches the loss and every gradient). ``metrics["nonfinite_tokens"]`` counts such tokens and tokens
             whose log-prob or entropy came out non-finite (e.g. from a non-finite weight), in every mode.
+        logit_softcap: soft-capping of the logits before the temperature (Gemma 2 / 3's ``final_logit_softcapping``).
+            A model that multiplies the logits by ``s`` first (``logit_scale``, ``logits_scaling``, ...) is
+            ``logit_softcap = c / s`` and ``temperature = T / s`` (without a cap: ``temperature = T / s``).
         backend: ``auto`` (Triton on CUDA when installed and the input is supported, else ``torch``), ``torch`` or
             ``triton``.
         memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU, 768 MiB on CUDA); sets
@@ -148,7 +154,7 @@ def gated_policy_loss(
     The loss supports repeated backward through a retained graph; double backward (``create_graph=True``) raises.
     """
     head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
-                                memory_budget_mb, backend, on_nonfinite)
+                                memory_budget_mb, backend, on_nonfinite, logit_softcap)
     args = check_loss_arguments(
         head, advantages, old_logprobs, ref_logprobs, gate=gate, tau_pos=tau_pos, tau_neg=tau_neg,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
@@ -159,13 +165,12 @@ def gated_policy_loss(
         entropy_mask=entropy_mask, off_policy_mask_threshold=off_policy_mask_threshold,
         sampling_logprobs=sampling_logprobs,
     )
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb)
+    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap)
     implementation = resolve_backend(head.backend, spec, args.config)
     planned = plan_loss_tokens(head, args)
 
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
-        planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, head.inv_temperature,
-        head.memory_budget_mb, implementation,
+        planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, spec, implementation,
     )
 
     plan, tokens = planned.plan, planned.tokens
@@ -201,6 +206,7 @@ def token_logprobs(
     completion_mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
+    logit_softcap: float | None = None,
     bias: Tensor | None = None,
     on_nonfinite: str = "raise",
     backend: str = "auto",
@@ -211,8 +217,9 @@ def token_logprobs(
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
     ``"raise"`` or ``"propagate"``, which gives NaN at such tokens)."""
     head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
-                                memory_budget_mb, backend, on_nonfinite, nonfinite_policies=("raise", "propagate"))
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb)
+                                memory_budget_mb, backend, on_nonfinite, logit_softcap,
+                                nonfinite_policies=("raise", "propagate"))
+    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap)
     implementation = resolve_backend(head.backend, spec, None)
     planned = plan_logprob_tokens(head)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, spec)

@@ -87,6 +87,7 @@ class HeadArguments:
     memory_budget_mb: float
     backend: str
     on_nonfinite: str
+    softcap: float | None  # z = softcap tanh(x / softcap) / T
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +112,7 @@ def check_head_arguments(
     memory_budget_mb: object,
     backend: object,
     on_nonfinite: object,
+    logit_softcap: object = None,
     nonfinite_policies: tuple[str, ...] = NONFINITE_POLICIES,
 ) -> HeadArguments:
     check_tensor("hidden", hidden)
@@ -161,6 +163,7 @@ def check_head_arguments(
             raise fail("completion_mask", f"expected bool, integer or float, got {completion_mask.dtype}", TypeError)
         mask = completion_mask.float()
     inv_temperature = 1.0 / check_number("temperature", temperature)
+    softcap = None if logit_softcap is None else check_number("logit_softcap", logit_softcap)
     budget = default_memory_budget_mb(device) if memory_budget_mb is None else check_number(
         "memory_budget_mb", memory_budget_mb
     )
@@ -177,6 +180,7 @@ def check_head_arguments(
         memory_budget_mb=budget,
         backend=backend,
         on_nonfinite=on_nonfinite,
+        softcap=softcap,
     )
 
 

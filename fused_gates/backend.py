@@ -47,12 +47,14 @@ def default_memory_budget_mb(device: torch.device) -> float:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The lm_head and how to evaluate it: ``z = (hidden W^T + bias) / temperature``."""
+    """The lm_head and how to evaluate it: ``z = x / temperature`` with ``x = hidden W^T + bias``, or
+    ``z = softcap tanh(x / softcap) / temperature`` for soft-capped logits."""
 
     weight: Tensor  # [V, H]
     bias: Tensor | None  # [V]
     inv_temperature: float
     memory_budget_mb: float
+    softcap: float | None = None
 
     @property
     def vocab(self) -> int:
@@ -65,7 +67,7 @@ class HeadSpec:
 
     def detached(self) -> HeadSpec:
         bias = None if self.bias is None else self.bias.detach()
-        return HeadSpec(self.weight.detach(), bias, self.inv_temperature, self.memory_budget_mb)
+        return HeadSpec(self.weight.detach(), bias, self.inv_temperature, self.memory_budget_mb, self.softcap)
 
 
 @dataclass(frozen=True)

@@ -125,14 +125,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("evaluate", help="benchmark accuracy with answers taken from the <answer> tags",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="model id or folder (the tiny local model's folder works)")
-    parser.add_argument("--benchmark", required=True, choices=["gsm8k", "math500", "aime"])
+    parser.add_argument("--benchmark", required=True, choices=["gsm8k", "math500", "aime", "synthetic"],
+                        help="synthetic: the offline training task (every problem once)")
     parser.add_argument("--dataset-file", help="local JSONL with the Hub dataset's columns instead of the Hub")
     parser.add_argument("--hub-dataset", help="a Hub dataset with the same columns, e.g. HuggingFaceH4/aime_2024")
     parser.add_argument("--split", help="dataset split (default: the benchmark's)")
     parser.add_argument("--limit", type=int, help="first N problems only")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per problem")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, help="default: 512 (synthetic: 16)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                         help="auto: vLLM when installed")

@@ -13,6 +13,7 @@ follow from that:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import ModuleType
 
 import torch
@@ -46,17 +47,17 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         targets: Tensor,
         tokens: TokenData,
         config: ObjectiveConfig,
-        inv_temperature: float,
-        memory_budget_mb: float,
+        head: HeadSpec,
         backend: ModuleType,
     ):
+        """``head`` describes how ``weight`` and ``bias`` (the same tensors, passed for autograd) make the logits."""
         needs = GradientNeeds(*ctx.needs_input_grad[:3])
-        head = HeadSpec(weight, bias, inv_temperature, memory_budget_mb)
+        head = replace(head, weight=weight, bias=bias)
         result = backend.loss_forward(hidden, targets, tokens, head, config, needs)
         terms = result.terms
 
         ctx.backend = backend
-        ctx.options = (inv_temperature, memory_budget_mb)
+        ctx.head = replace(head, weight=None, bias=None)  # the tensors themselves are saved for backward
         ctx.needs = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.gradients = result.gradients  # handed out (and released) by the first backward
@@ -80,7 +81,7 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         grads, ctx.gradients = ctx.gradients, None
         if grads is None:
             hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
-            head = HeadSpec(weight, bias, *ctx.options)
+            head = replace(ctx.head, weight=weight, bias=bias)
             saved = SavedStatistics(lse, entropy, grad_logprobs, grad_entropy, ctx.chunks)
             grads = ctx.backend.recompute_gradients(hidden, targets, head, needs, saved)
         # The pass formed d(loss) for a unit upstream gradient; scale by the actual one (a 0-dim tensor) in place:
@@ -96,4 +97,4 @@ class GatedPolicyLossFunction(torch.autograd.Function):
             if not scale_is_one:
                 grad.mul_(grad_loss.to(grad.dtype))
             out.append(grad.to(dtype))
-        return (*out, None, None, None, None, None, None)  # targets, tokens, config, temperature, budget, backend
+        return (*out, None, None, None, None, None)  # targets, tokens, config, head, backend

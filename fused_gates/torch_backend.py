@@ -3,7 +3,8 @@
 Each chunk of ``n`` valid tokens owns one float32 buffer of ``n x V`` logits (``n`` chosen from the memory
 budget). Per chunk:
 
-1. ``z = (h / T) W^T + b / T`` into the buffer (scaling the small ``h`` instead of the logits saves a pass);
+1. ``z = (h / T) W^T + b / T`` into the buffer (scaling the small ``h`` instead of the logits saves a pass); with a
+   soft-cap ``c``, ``z = (c / T) tanh((h / c) W^T + b / c)``, whose slope ``1 - (z T / c)^2`` then multiplies dz;
 2. statistics in cache-sized vocabulary blocks: ``m = max z``, ``S = sum exp(z - m)``,
    ``Z = sum exp(z - m)(z - m)``, so ``lse = m + log S``, ``logp = z_y - lse`` and
    ``H = lse - sum p z = log S - Z / S``; the buffer is left holding ``exp(z - m)``;
@@ -65,7 +66,10 @@ class _ChunkWorkspace:
         low = self.operands.operand_dtype
         with_copy = with_grad and low != acc
         self.low_precision = torch.empty(rows, head.vocab, device=device, dtype=low) if with_copy else None
-        self.scaled_bias = None if head.bias is None else head.bias.to(acc) * head.inv_temperature
+        # x / T, or x / c before the soft-cap's tanh; then z = alpha tanh(x / c) with alpha = c / T
+        self.input_scale = head.inv_temperature if head.softcap is None else 1.0 / head.softcap
+        self.softcap_alpha = None if head.softcap is None else head.softcap * head.inv_temperature
+        self.scaled_bias = None if head.bias is None else head.bias.to(acc) * self.input_scale
 
     def dz_operand(self, matrix: Tensor) -> Tensor:
         """The chunk's ``n x V`` float32 matrix as the backward products take it."""
@@ -89,23 +93,36 @@ class _ChunkStatistics:
     logprobs: Tensor
     entropy: Tensor
     mean_logit: Tensor  # sum_v p_v z_v
+    target_slope: Tensor | None  # the soft-cap's slope at the target's logit
+
+
+def _scale(x: Tensor, factor: float) -> Tensor:
+    return x * factor if factor != 1.0 else x
 
 
 def _chunk_logits(ws: _ChunkWorkspace, hidden: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor]:
-    """``z`` of the chunk in the buffer, and ``h / T`` (the small operand the products take)."""
+    """``z`` of the chunk in the buffer, and ``h / T`` (the small operand the gradient products take)."""
     n = hidden.shape[0]
-    scaled_hidden = hidden * head.inv_temperature if head.inv_temperature != 1.0 else hidden
-    scaled_hidden = ws.operands.cast(scaled_hidden)
-    logits = mm_into(ws.logits[:n], scaled_hidden, ws.operands.weight.t())
+    operand = ws.operands.cast(_scale(hidden, ws.input_scale))
+    logits = mm_into(ws.logits[:n], operand, ws.operands.weight.t())
     if ws.scaled_bias is not None:
         logits.add_(ws.scaled_bias)
-    return logits, scaled_hidden
+    if ws.softcap_alpha is None:
+        return logits, operand
+    logits.tanh_().mul_(ws.softcap_alpha)
+    return logits, ws.operands.cast(_scale(hidden, head.inv_temperature))
+
+
+def _softcap_slope(z: Tensor, alpha: float, out: Tensor) -> Tensor:
+    """``1 - (z / alpha)^2 = 1 - tanh^2``: d z / d x of soft-capped logits, up to the ``1 / T`` of the products."""
+    return torch.div(z, alpha, out=out).square_().neg_().add_(1.0)
 
 
 def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep_exp: bool) -> _ChunkStatistics:
-    """Per-row statistics of the logits; with ``keep_exp`` the buffer is left holding ``exp(z - max)``, from which
-    the gradient needs only a per-row scale (see :class:`_GradientAccumulator`)."""
+    """Per-row statistics of the logits; with ``keep_exp`` the buffer is left holding ``exp(z - max)`` (times the
+    soft-cap's slope), from which the gradient needs only a per-row scale (see :class:`_GradientAccumulator`)."""
     n, vocab = logits.shape
+    alpha = ws.softcap_alpha
     target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     max_logit = logits.amax(dim=1)
     max_col = max_logit.unsqueeze(1)
@@ -114,10 +131,13 @@ def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep
     for start in range(0, vocab, VOCAB_BLOCK):
         block = logits[:, start : start + VOCAB_BLOCK]
         width = block.shape[1]
+        slope = _softcap_slope(block, alpha, ws.block_b[:n, :width]) if keep_exp and alpha is not None else None
         shifted = torch.sub(block, max_col, out=ws.block_a[:n, :width])
         weights = torch.exp(shifted, out=block if keep_exp else ws.block_b[:n, :width])
         sum_exp += weights.sum(dim=1)
         sum_exp_shifted += shifted.mul_(weights).sum(dim=1)
+        if slope is not None:
+            weights.mul_(slope)
     log_sum = torch.log(sum_exp)
     log_sum_exp = max_logit + log_sum
     mean_shifted = sum_exp_shifted / sum_exp
@@ -128,6 +148,7 @@ def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep
         logprobs=target_logit - log_sum_exp,
         entropy=log_sum - mean_shifted,
         mean_logit=mean_shifted + max_logit,
+        target_slope=None if alpha is None else 1.0 - (target_logit / alpha).square(),
     )
 
 
@@ -135,7 +156,8 @@ def _entropy_grad_inplace(
     logits: Tensor, log_sum_exp: Tensor, mean_logit: Tensor, grad_logprobs: Tensor, grad_entropy: Tensor,
     ws: _ChunkWorkspace,
 ) -> Tensor:
-    """``p (-g - e (z - mean_p z))`` written over the logits: ``dz`` without its one-hot part ``g 1[v = y]``."""
+    """``p (-g - e (z - mean_p z))`` (times the soft-cap's slope) written over the logits: ``dz`` without its one-hot
+    part ``g 1[v = y]``."""
     n, vocab = logits.shape
     lse_col = log_sum_exp.unsqueeze(1)
     # p * (-g - e (z - mean)) = p * (z * (-e) + (e mean - g))
@@ -143,7 +165,10 @@ def _entropy_grad_inplace(
     offset = (grad_entropy * mean_logit - grad_logprobs).unsqueeze(1)
     for start in range(0, vocab, VOCAB_BLOCK):
         block = logits[:, start : start + VOCAB_BLOCK]
-        coefficient = torch.mul(block, neg_e, out=ws.block_a[:n, : block.shape[1]]).add_(offset)
+        width = block.shape[1]
+        coefficient = torch.mul(block, neg_e, out=ws.block_a[:n, :width]).add_(offset)
+        if ws.softcap_alpha is not None:
+            coefficient.mul_(_softcap_slope(block, ws.softcap_alpha, ws.block_b[:n, :width]))
         block.sub_(lse_col).exp_().mul_(coefficient)
     return logits
 
@@ -240,8 +265,9 @@ def _chunk_gradient(
     if with_entropy:
         matrix, row_scale = _entropy_grad_inplace(logits, stats.log_sum_exp, stats.mean_logit, g, e, ws), None
     else:
-        matrix, row_scale = logits, -g / stats.sum_exp  # logits now hold exp(z - max)
-    grads.add(chunk, matrix, row_scale, g, targets[chunk], scaled_hidden, ws)
+        matrix, row_scale = logits, -g / stats.sum_exp  # logits now hold exp(z - max) (times the slope)
+    target_grad = g if stats.target_slope is None else g * stats.target_slope
+    grads.add(chunk, matrix, row_scale, target_grad, targets[chunk], scaled_hidden, ws)
     return stats
 
 

@@ -3,7 +3,8 @@
 Per chunk of ``n`` valid tokens:
 
 1. ``acc = h W^T`` with ``torch.mm`` into a reused float32 ``[n, V]`` buffer (cuBLAS, float32 output);
-2. one Triton program per token row (:mod:`fused_gates.kernels.row_kernels`) reads ``z = (acc + b) / T``: the
+2. one Triton program per token row (:mod:`fused_gates.kernels.row_kernels`) reads ``z = (acc + b) / T`` (or the
+   soft-capped logits): the
    statistics, the objective's epilogue and ``dz``, written over the buffer or, for float16 / bfloat16 heads,
    straight into the low-precision operand of the next products (saving a copy pass);
 3. ``dh = dz W / T`` and ``dW += dz^T h / T`` with cuBLAS (float32 accumulation; the first chunk writes dW instead
@@ -171,6 +172,7 @@ def _fused_token_chunk(
         logits.stride(0),
         dz.stride(0),
         head.inv_temperature,
+        head.softcap,
         params.tau_pos,
         params.tau_neg,
         params.epsilon_low,
@@ -219,6 +221,7 @@ def _statistics_then_grad_chunk(
         head.vocab,
         logits.stride(0),
         head.inv_temperature,
+        head.softcap,
         **launch,
     )
     terms = evaluate_objective(out["logprobs"], out["entropy"], tokens, config)
@@ -246,6 +249,7 @@ def _launch_rows_grad(logits: Tensor, dz: Tensor, targets: Tensor, head: HeadSpe
         logits.stride(0),
         dz.stride(0),
         head.inv_temperature,
+        head.softcap,
         **launch,
     )
 

@@ -39,7 +39,7 @@ def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
 def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp, entropy, lse)`` per token of ``hidden`` [N, H]; one pass of ``tl.dot`` tiles, no gradient."""
     head = head.detached()
-    return token_statistics(hidden.detach(), targets, head.weight, head.bias, head.inv_temperature)
+    return token_statistics(hidden.detach(), targets, head.weight, head.bias, head.inv_temperature, head.softcap)
 
 
 def loss_forward(

@@ -1,10 +1,11 @@
 """Per-token log-prob, entropy and log-sum-exp from hidden states and the lm_head, logits never written.
 
-A program owns ``BLOCK_N`` tokens and a contiguous range of vocabulary blocks. For each ``BLOCK_N x BLOCK_V`` tile
-it forms ``z = (h W^T + b) / T`` on chip (``tl.dot`` over ``BLOCK_H`` slices of the hidden size, float32
-accumulation) and folds the tile into per-token online statistics relative to the running maximum ``m``
-(``S = sum_v exp(z_v - m)``, ``Z = sum_v exp(z_v - m) (z_v - m)``) and the target's logit ``z_y``. Then
-``lse = m + log S``, ``logp = z_y - lse`` and ``H = lse - sum_v p_v z_v = log S - Z / S``.
+A program owns ``BLOCK_N`` tokens and a contiguous range of vocabulary blocks. For each ``BLOCK_N x BLOCK_V`` tile it
+forms ``z = (h W^T + b) / T`` (or soft-capped: :mod:`fused_gates.kernels.logits`) on chip (``tl.dot`` over
+``BLOCK_H`` slices of the hidden size, float32 accumulation) and folds the tile into per-token online statistics
+relative to the running maximum ``m`` (``S = sum_v exp(z_v - m)``, ``Z = sum_v exp(z_v - m) (z_v - m)``) and the
+target's logit ``z_y``. Then ``lse = m + log S``, ``logp = z_y - lse`` and ``H = lse - sum_v p_v z_v = log S - Z /
+S``.
 
 With few token blocks (short batches, the no-grad passes over old / reference policies) the vocabulary is split
 across ``SPLIT`` programs per token block (a launch parameter); each writes its partial ``(m, S, Z, z_y)`` and a
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .logits import to_logits
 from .online_softmax import block_statistics, finish_statistics, merge_statistics
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,7 +38,9 @@ _LARGEST_BLOCK_N = 128
 _SPLIT_UNIT = 256  # the largest BLOCK_V of the configurations
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["p_bias"] is not None})
+@triton.heuristics(
+    {"HAS_BIAS": lambda args: args["p_bias"] is not None, "HAS_SOFTCAP": lambda args: args["softcap"] is not None}
+)
 @triton.jit
 def _tile_statistics_kernel(
     p_hidden,
@@ -54,7 +58,9 @@ def _tile_statistics_kernel(
     stride_weight,
     columns_per_split,
     inv_temperature,
+    softcap,
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -85,11 +91,9 @@ def _tile_statistics_kernel(
             b_h = tl.load(p_h_rows + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
             b_wt = tl.load(p_w_cols + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)  # W^T tile
             b_z = tl.dot(b_h, b_wt, b_z, input_precision=INPUT_PRECISION)
-        b_z = b_z * inv_temperature
         if HAS_BIAS:
-            b_b = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)
-            b_z = b_z + b_b[None, :] * inv_temperature
-        b_z = tl.where(m_v[None, :], b_z, float("-inf"))
+            b_z += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_z = tl.where(m_v[None, :], to_logits(b_z, inv_temperature, softcap, HAS_SOFTCAP), float("-inf"))
         b_target_logit += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
         # every tile holds at least one column of the vocabulary
         b_tile_max, b_tile_sum_exp, b_tile_sum_exp_shifted = block_statistics(b_z, 1)
@@ -171,6 +175,7 @@ def token_statistics(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     inv_temperature: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logp, entropy, lse)`` in float32 for ``hidden`` [N, H] (float16 / bfloat16 / float32)."""
     num_tokens, hidden_size = hidden.shape
@@ -209,6 +214,7 @@ def token_statistics(
         weight.stride(0),
         columns_per_split,
         float(inv_temperature),
+        softcap,
         INPUT_PRECISION=dot_input_precision(weight.dtype),
         **meta,
     )

@@ -6,10 +6,10 @@
   (sequence-level ratios) before any gradient coefficient is known;
 * :func:`rows_grad_kernel` -- pass 2 only, from saved ``lse``, ``H`` and the coefficients ``g``, ``e``.
 
-Per row, ``z = (acc + b) / T``; pass 1 folds vocabulary blocks into ``(m, S, Z)`` with
-:mod:`fused_gates.kernels.online_softmax`; pass 2 writes ``dz = g (onehot(y) - p) - e p (z - mean_p z)`` (reading
-each block before writing it, so ``dz`` may overwrite the product in place, or go to the low-precision operand of
-the backward products). The epilogue is :func:`token_objective`, the token-level formulas of
+Per row, ``z = (acc + b) / T`` (or soft-capped, :mod:`fused_gates.kernels.logits`); pass 1 folds vocabulary blocks
+into ``(m, S, Z)`` with :mod:`fused_gates.kernels.online_softmax`; pass 2 writes ``dz = g (onehot(y) - p) - e p (z -
+mean_p z)`` (reading each block before writing it, so ``dz`` may overwrite the product in place, or go to the low-
+precision operand of the backward products). The epilogue is :func:`token_objective`, the token-level formulas of
 ``fused_gates.objective.evaluate_objective``:
 
     r = exp(clamp(logp - old, +-80))       f(r), f'(r) from the gate (tau = tau_pos if A > 0 else tau_neg)
@@ -18,8 +18,8 @@ the backward products). The epilogue is :func:`token_objective`, the token-level
     loss_t = w l + e H,                    g = w (dl/dr r + dl/dlogp)
 
 Optional inputs are ``None`` pointers; the flags that select the code (``HAS_BIAS``, ``HAS_OLD``, ``HAS_KL``,
-``HAS_ENTROPY``, ``HAS_POLICY_WEIGHT``) are derived from them by ``triton.heuristics``. Runtime floats
-(temperatures, epsilons, delta, beta) are runtime arguments: a new value never recompiles.
+``HAS_ENTROPY``, ``HAS_POLICY_WEIGHT``, ``HAS_SOFTCAP``) are derived from them by ``triton.heuristics``. Runtime floats
+(temperatures, epsilons, delta, beta, the soft-cap) are runtime arguments: a new value never recompiles.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..gates import MAX_LOG_RATIO
 from .gates import CISPO, gate_value_and_derivative
+from .logits import softcap_slope, to_logits
 from .online_softmax import block_statistics, finish_statistics, merge_statistics
 
 _MAX_LOG_RATIO = tl.constexpr(MAX_LOG_RATIO)
@@ -39,27 +40,40 @@ def _given(name: str):
 
 
 @triton.jit
-def _load_logits(p_row, p_bias, o_v, m_v, inv_temperature, pad, HAS_BIAS: tl.constexpr):
-    """``z = (acc + b) / T`` of one vocabulary block; ``pad`` in padded columns."""
-    b_z = tl.load(p_row + o_v, mask=m_v, other=0.0) * inv_temperature
+def _load_logits(
+    p_row, p_bias, o_v, m_v, inv_temperature, softcap, pad, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
+    """``z`` of one vocabulary block from the product ``acc`` (and the bias); ``pad`` in padded columns."""
+    b_x = tl.load(p_row + o_v, mask=m_v, other=0.0)
     if HAS_BIAS:
-        b_z += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) * inv_temperature
-    return tl.where(m_v, b_z, pad)
+        b_x += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)
+    return tl.where(m_v, to_logits(b_x, inv_temperature, softcap, HAS_SOFTCAP), pad)
 
 
 @triton.jit
-def _row_statistics(p_row, p_bias, target, V, inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _row_statistics(
+    p_row,
+    p_bias,
+    target,
+    V,
+    inv_temperature,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Pass 1 over a row: ``(lse, entropy, mean_p z, z_y)``."""
-    target_logit = tl.load(p_row + target) * inv_temperature
+    target_x = tl.load(p_row + target)
     if HAS_BIAS:
-        target_logit += tl.load(p_bias + target).to(tl.float32) * inv_temperature
+        target_x += tl.load(p_bias + target).to(tl.float32)
+    target_logit = to_logits(target_x, inv_temperature, softcap, HAS_SOFTCAP)
     row_max = float("-inf")
     sum_exp = 0.0
     sum_exp_shifted = 0.0
     for v_start in range(0, V, BLOCK_V):
         o_v = v_start + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_z = _load_logits(p_row, p_bias, o_v, m_v, inv_temperature, float("-inf"), HAS_BIAS)
+        b_z = _load_logits(p_row, p_bias, o_v, m_v, inv_temperature, softcap, float("-inf"), HAS_BIAS, HAS_SOFTCAP)
         block_max, block_sum_exp, block_sum_exp_shifted = block_statistics(b_z, 0)  # every block has a column
         row_max, sum_exp, sum_exp_shifted = merge_statistics(
             row_max, sum_exp, sum_exp_shifted, block_max, block_sum_exp, block_sum_exp_shifted
@@ -76,22 +90,28 @@ def _row_write_grad(
     target,
     V,
     inv_temperature,
+    softcap,
     log_sum_exp,
     mean_logit,
     grad_logprob,
     grad_entropy,
     HAS_BIAS: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Pass 2: ``dz = g (onehot - p) - e p (z - mean_p z)`` (reads each block before writing it)."""
+    """Pass 2: ``dz = g (onehot - p) - e p (z - mean_p z)``, times the soft-cap's slope (reads each block before
+    writing it)."""
     for v_start in range(0, V, BLOCK_V):
         o_v = v_start + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_z = _load_logits(p_row, p_bias, o_v, m_v, inv_temperature, 0.0, HAS_BIAS)  # padded columns: not stored
+        # padded columns: 0, never stored
+        b_z = _load_logits(p_row, p_bias, o_v, m_v, inv_temperature, softcap, 0.0, HAS_BIAS, HAS_SOFTCAP)
         b_p = tl.exp(b_z - log_sum_exp)
         b_dz = b_p * (-grad_logprob - grad_entropy * (b_z - mean_logit)) if HAS_ENTROPY else -grad_logprob * b_p
         b_dz += tl.where(o_v == target, grad_logprob, 0.0)
+        if HAS_SOFTCAP:
+            b_dz *= softcap_slope(b_z, inv_temperature, softcap)
         tl.store(p_dz_row + o_v, b_dz.to(p_dz_row.dtype.element_ty), mask=m_v)
 
 
@@ -162,6 +182,7 @@ def token_objective(
         "HAS_KL": _given("p_ref_logprobs"),
         "HAS_ENTROPY": _given("p_entropy_weight"),
         "HAS_POLICY_WEIGHT": _given("p_policy_weight"),
+        "HAS_SOFTCAP": _given("softcap"),
     }
 )
 @triton.jit
@@ -189,6 +210,7 @@ def fused_token_rows_kernel(
     stride_logits,
     stride_dz,
     inv_temperature,
+    softcap,
     tau_pos,
     tau_neg,
     epsilon_low,
@@ -204,6 +226,7 @@ def fused_token_rows_kernel(
     HAS_KL: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_POLICY_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One token row: statistics, the objective's epilogue, then dz over the row."""
@@ -211,7 +234,7 @@ def fused_token_rows_kernel(
     p_row = p_logits + i.to(tl.int64) * stride_logits
     target = tl.load(p_targets + i)
     log_sum_exp, entropy, mean_logit, target_logit = _row_statistics(
-        p_row, p_bias, target, V, inv_temperature, HAS_BIAS, BLOCK_V
+        p_row, p_bias, target, V, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V
     )
     logprob = target_logit - log_sum_exp
 
@@ -260,17 +283,19 @@ def fused_token_rows_kernel(
         target,
         V,
         inv_temperature,
+        softcap,
         log_sum_exp,
         mean_logit,
         grad_logprob,
         entropy_weight,
         HAS_BIAS,
         HAS_ENTROPY,
+        HAS_SOFTCAP,
         BLOCK_V,
     )
 
 
-@triton.heuristics({"HAS_BIAS": _given("p_bias")})
+@triton.heuristics({"HAS_BIAS": _given("p_bias"), "HAS_SOFTCAP": _given("softcap")})
 @triton.jit
 def rows_statistics_kernel(
     p_logits,
@@ -282,20 +307,32 @@ def rows_statistics_kernel(
     V,
     stride_logits,
     inv_temperature,
+    softcap,
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i = tl.program_id(0)
     target = tl.load(p_targets + i)
     log_sum_exp, entropy, _, target_logit = _row_statistics(
-        p_logits + i.to(tl.int64) * stride_logits, p_bias, target, V, inv_temperature, HAS_BIAS, BLOCK_V
+        p_logits + i.to(tl.int64) * stride_logits,
+        p_bias,
+        target,
+        V,
+        inv_temperature,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        BLOCK_V,
     )
     tl.store(p_logprobs + i, target_logit - log_sum_exp)
     tl.store(p_entropy + i, entropy)
     tl.store(p_log_sum_exp + i, log_sum_exp)
 
 
-@triton.heuristics({"HAS_BIAS": _given("p_bias"), "HAS_ENTROPY": _given("p_grad_entropy")})
+@triton.heuristics(
+    {"HAS_BIAS": _given("p_bias"), "HAS_ENTROPY": _given("p_grad_entropy"), "HAS_SOFTCAP": _given("softcap")}
+)
 @triton.jit
 def rows_grad_kernel(
     p_logits,
@@ -310,8 +347,10 @@ def rows_grad_kernel(
     stride_logits,
     stride_dz,
     inv_temperature,
+    softcap,
     HAS_BIAS: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """dz of one row from saved statistics: ``mean_p z = lse - H``."""
@@ -326,11 +365,13 @@ def rows_grad_kernel(
         tl.load(p_targets + i),
         V,
         inv_temperature,
+        softcap,
         log_sum_exp,
         mean_logit,
         tl.load(p_grad_logprobs + i),
         grad_entropy,
         HAS_BIAS,
         HAS_ENTROPY,
+        HAS_SOFTCAP,
         BLOCK_V,
     )
