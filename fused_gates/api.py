@@ -7,7 +7,7 @@ outputs and metrics (:mod:`~fused_gates.metrics`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -170,7 +170,8 @@ def gated_policy_loss(
     planned = plan_loss_tokens(head, args)
 
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
-        planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, spec, implementation,
+        planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config,
+        replace(spec, weight=None, bias=None), implementation,
     )
 
     plan, tokens = planned.plan, planned.tokens

@@ -50,14 +50,15 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         head: HeadSpec,
         backend: ModuleType,
     ):
-        """``head`` describes how ``weight`` and ``bias`` (the same tensors, passed for autograd) make the logits."""
+        """``head`` describes how ``weight`` and ``bias`` make the logits; its own tensor fields are left empty (the
+        tensors come as inputs, for autograd, and must not appear twice to a tracer such as Dynamo)."""
         needs = GradientNeeds(*ctx.needs_input_grad[:3])
         head = replace(head, weight=weight, bias=bias)
         result = backend.loss_forward(hidden, targets, tokens, head, config, needs)
         terms = result.terms
 
         ctx.backend = backend
-        ctx.head = replace(head, weight=None, bias=None)  # the tensors themselves are saved for backward
+        ctx.head = replace(head, weight=None, bias=None)  # the tensors are saved for backward
         ctx.needs = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.gradients = result.gradients  # handed out (and released) by the first backward
@@ -66,10 +67,9 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         ctx.save_for_backward(
             hidden, weight, bias, targets, saved.log_sum_exp, saved.entropy, saved.grad_logprobs, saved.grad_entropy
         )
-        empty = terms.ratio.new_empty(0)
         outputs = (result.logprobs, result.entropy, terms.ratio, terms.gate_value, terms.gate_grad,
-                   terms.kl if terms.kl is not None else empty,
-                   terms.policy_weight if terms.policy_weight is not None else empty)
+                   terms.kl if terms.kl is not None else terms.ratio.new_empty(0),
+                   terms.policy_weight if terms.policy_weight is not None else terms.ratio.new_empty(0))
         ctx.mark_non_differentiable(*outputs)
         return (terms.loss, *outputs)
 
