@@ -78,6 +78,7 @@ def gated_policy_loss(
     group_size: int | None = None,
     group_ids: Tensor | None = None,
     on_nonfinite: str = "raise",
+    process_group: object | None = None,
     backend: str = "auto",
     memory_budget_mb: float | None = None,
 ) -> GatedPolicyLossOutput:
@@ -143,6 +144,12 @@ def gated_policy_loss(
             ``logit_softcap = c / s`` and ``temperature = T / s`` (without a cap: ``temperature = T / s``).
         backend: ``auto`` (Triton on CUDA when installed and the input is supported, else ``torch``), ``torch`` or
             ``triton``.
+        process_group: a vocabulary-parallel head: ``weight`` (and ``bias``) hold this rank's contiguous slice of the
+            vocabulary rows, rank order = vocabulary order, slices may be uneven; everything else (``hidden``, global
+            ``completion_ids``, advantages, masks, log-probs) is the same on every rank. Every rank returns the same
+            loss, per-token outputs and metrics, the full ``hidden`` gradient, and its slice's ``weight`` / ``bias``
+            gradient. A DTensor ``weight`` sharded on dimension 0 over a 1-D mesh needs no group (its mesh's is
+            used) and gets a DTensor gradient. See :mod:`fused_gates.vocab_parallel` for the communication.
         memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU, 768 MiB on CUDA); sets
             the token chunk size.
 
@@ -154,7 +161,7 @@ def gated_policy_loss(
     The loss supports repeated backward through a retained graph; double backward (``create_graph=True``) raises.
     """
     head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
-                                memory_budget_mb, backend, on_nonfinite, logit_softcap)
+                                memory_budget_mb, backend, on_nonfinite, logit_softcap, process_group)
     args = check_loss_arguments(
         head, advantages, old_logprobs, ref_logprobs, gate=gate, tau_pos=tau_pos, tau_neg=tau_neg,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
@@ -165,7 +172,7 @@ def gated_policy_loss(
         entropy_mask=entropy_mask, off_policy_mask_threshold=off_policy_mask_threshold,
         sampling_logprobs=sampling_logprobs,
     )
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap)
+    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap, head.shard)
     implementation = resolve_backend(head.backend, spec, args.config)
     planned = plan_loss_tokens(head, args)
 
@@ -210,6 +217,7 @@ def token_logprobs(
     logit_softcap: float | None = None,
     bias: Tensor | None = None,
     on_nonfinite: str = "raise",
+    process_group: object | None = None,
     backend: str = "auto",
     memory_budget_mb: float | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -218,9 +226,9 @@ def token_logprobs(
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
     ``"raise"`` or ``"propagate"``, which gives NaN at such tokens)."""
     head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
-                                memory_budget_mb, backend, on_nonfinite, logit_softcap,
+                                memory_budget_mb, backend, on_nonfinite, logit_softcap, process_group,
                                 nonfinite_policies=("raise", "propagate"))
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap)
+    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap, head.shard)
     implementation = resolve_backend(head.backend, spec, None)
     planned = plan_logprob_tokens(head)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, spec)

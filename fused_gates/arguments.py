@@ -17,6 +17,7 @@ from torch import Tensor
 from .backend import BACKENDS, default_memory_budget_mb
 from .gates import Gate, GateParameters, get_gate
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, ObjectiveConfig
+from .vocab_parallel import VocabShard, describe_shard, unwrap_dtensor_weight
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE_POLICIES = ("raise", "zero", "propagate")
@@ -78,8 +79,8 @@ class HeadArguments:
     """The lm_head inputs, checked and flattened: ``z = (hidden W^T + bias) / temperature`` per token."""
 
     hidden: Tensor  # [B*T, H], in the compute dtype (the autocast dtype under autocast)
-    weight: Tensor  # [V, H]
-    bias: Tensor | None  # [V]
+    weight: Tensor  # [V, H] (this rank's slice of a vocabulary-parallel head)
+    bias: Tensor | None  # [V] (likewise)
     ids: Tensor  # [B*T] int64
     mask: Tensor | None  # [B, T] float32, None when every token is valid
     shape: tuple[int, int]  # (B, T)
@@ -88,6 +89,7 @@ class HeadArguments:
     backend: str
     on_nonfinite: str
     softcap: float | None  # z = softcap tanh(x / softcap) / T
+    shard: VocabShard | None  # the vocabulary-parallel head's slice, when there is one
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +97,8 @@ class HeadArguments:
 
     @property
     def vocab(self) -> int:
-        return self.weight.shape[0]
+        """The whole vocabulary (all slices of a vocabulary-parallel head)."""
+        return self.weight.shape[0] if self.shard is None else self.shard.vocab
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -113,10 +116,15 @@ def check_head_arguments(
     backend: object,
     on_nonfinite: object,
     logit_softcap: object = None,
+    process_group: object = None,
     nonfinite_policies: tuple[str, ...] = NONFINITE_POLICIES,
 ) -> HeadArguments:
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
+    weight, bias, process_group = unwrap_dtensor_weight(weight, bias, process_group)
+    # With a vocabulary-parallel head the ranks first agree on the shapes (one collective, before any check that
+    # could fail on some ranks only and leave the others waiting in a later collective).
+    shard = None if process_group is None else describe_shard(hidden, weight, bias, process_group)
     check_tensor("completion_ids", completion_ids)
     check_tensor("completion_mask", completion_mask, optional=True)
     check_tensor("bias", bias, optional=True)
@@ -127,7 +135,8 @@ def check_head_arguments(
     batch, length, hidden_size = hidden.shape
     device = hidden.device
     if weight.dim() != 2 or weight.shape[1] != hidden_size:
-        raise fail("weight", f"expected shape [V, {hidden_size}] (H of hidden), got {list(weight.shape)}")
+        slice_note = " (this rank's slice of the vocabulary)" if process_group is not None else ""
+        raise fail("weight", f"expected shape [V, {hidden_size}]{slice_note} (H of hidden), got {list(weight.shape)}")
     if weight.shape[0] == 0:
         raise fail("weight", "the vocabulary is empty")
     if weight.device != device:
@@ -141,7 +150,7 @@ def check_head_arguments(
     vocab = weight.shape[0]
     if bias is not None:
         if tuple(bias.shape) != (vocab,):
-            raise fail("bias", f"expected shape [{vocab}] (V of weight), got {list(bias.shape)}")
+            raise fail("bias", f"expected shape [{vocab}] (rows of weight), got {list(bias.shape)}")
         if bias.device != device:
             raise fail("bias", f"expected device {device} (that of hidden), got {bias.device}")
         if bias.dtype != weight.dtype:
@@ -181,6 +190,7 @@ def check_head_arguments(
         backend=backend,
         on_nonfinite=on_nonfinite,
         softcap=softcap,
+        shard=shard,
     )
 
 

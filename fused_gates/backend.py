@@ -21,13 +21,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from .objective import ObjectiveConfig, TokenData, TokenTerms
+from .vocab_parallel import VocabShard
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -55,10 +56,18 @@ class HeadSpec:
     inv_temperature: float
     memory_budget_mb: float
     softcap: float | None = None
+    shard: VocabShard | None = None  # the weight is this rank's slice of a vocabulary-parallel head
 
     @property
     def vocab(self) -> int:
+        """Rows of ``weight`` (this rank's slice of a vocabulary-parallel head)."""
         return self.weight.shape[0]
+
+    @property
+    def planning_vocab(self) -> int:
+        """The vocabulary the chunk plan is made for: every rank of a vocabulary-parallel head plans for the largest
+        slice, so that all take the same chunks (their collectives must match)."""
+        return self.vocab if self.shard is None else self.shard.largest_slice
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -67,7 +76,7 @@ class HeadSpec:
 
     def detached(self) -> HeadSpec:
         bias = None if self.bias is None else self.bias.detach()
-        return HeadSpec(self.weight.detach(), bias, self.inv_temperature, self.memory_budget_mb, self.softcap)
+        return replace(self, weight=self.weight.detach(), bias=bias)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ budget). Per chunk:
 
 Otherwise (rows longer than a chunk at sequence level) the forward keeps ``lse`` and ``H`` and the backward
 recomputes the logits (a fourth product). Without gradients only steps 1-2 run (one product).
+
+With a vocabulary-parallel head (:mod:`fused_gates.vocab_parallel`) the buffer holds this rank's slice of the
+logits, step 2's statistics are made global by two reductions per chunk, the one-hot part of dz belongs to the rank
+that owns the target, and dh is all-reduced at the end.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .backend import (
     token_chunks,
 )
 from .objective import ObjectiveConfig, TokenData, TokenTerms, evaluate_objective
+from .vocab_parallel import reduce_statistics
 
 NAME = "torch"
 
@@ -81,19 +86,29 @@ class _ChunkWorkspace:
 def _workspace_for(num_tokens: int, head: HeadSpec, device, with_grad: bool) -> tuple[int, _ChunkWorkspace]:
     low_precision_copy = with_grad and head.weight.dtype != head.accumulate_dtype
     extra = 2 if low_precision_copy else 0
-    rows = plan_chunk_tokens(num_tokens, head.vocab, head.memory_budget_mb, extra_bytes_per_logit=extra)
+    rows = plan_chunk_tokens(num_tokens, head.planning_vocab, head.memory_budget_mb, extra_bytes_per_logit=extra)
     return rows, _ChunkWorkspace(rows, head, device, with_grad)
 
 
 @dataclass
 class _ChunkStatistics:
-    max_logit: Tensor
-    sum_exp: Tensor  # S = sum_v exp(z_v - max)
-    log_sum_exp: Tensor
+    max_logit: Tensor  # of the logits in the buffer (this rank's slice with a vocabulary-parallel head)
+    log_sum_exp: Tensor  # over the whole vocabulary
     logprobs: Tensor
     entropy: Tensor
     mean_logit: Tensor  # sum_v p_v z_v
+    targets: Tensor  # the target's column in the buffer (0 where another rank owns it)
+    owned: Tensor | None  # whether this rank owns the target (None: a whole head)
     target_slope: Tensor | None  # the soft-cap's slope at the target's logit
+
+    def probability_scale(self) -> Tensor:
+        """``exp(max - lse)``: the buffer's ``exp(z - max)`` times this is ``p`` (``1 / S`` for a whole head)."""
+        return torch.exp(self.max_logit - self.log_sum_exp)
+
+    def target_grad(self, grad_logprobs: Tensor) -> Tensor:
+        """The one-hot part of dz: ``g`` (times the soft-cap's slope) at the target, on the rank that owns it."""
+        grad = grad_logprobs if self.target_slope is None else grad_logprobs * self.target_slope
+        return grad if self.owned is None else grad * self.owned
 
 
 def _scale(x: Tensor, factor: float) -> Tensor:
@@ -118,12 +133,19 @@ def _softcap_slope(z: Tensor, alpha: float, out: Tensor) -> Tensor:
     return torch.div(z, alpha, out=out).square_().neg_().add_(1.0)
 
 
-def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep_exp: bool) -> _ChunkStatistics:
+def _chunk_statistics(
+    logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, head: HeadSpec, keep_exp: bool
+) -> _ChunkStatistics:
     """Per-row statistics of the logits; with ``keep_exp`` the buffer is left holding ``exp(z - max)`` (times the
     soft-cap's slope), from which the gradient needs only a per-row scale (see :class:`_GradientAccumulator`)."""
     n, vocab = logits.shape
     alpha = ws.softcap_alpha
+    owned = None
+    if head.shard is not None:
+        targets, owned = head.shard.local_targets(targets)
     target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    if owned is not None:
+        target_logit = target_logit * owned
     max_logit = logits.amax(dim=1)
     max_col = max_logit.unsqueeze(1)
     sum_exp = logits.new_zeros(n)
@@ -138,16 +160,22 @@ def _chunk_statistics(logits: Tensor, targets: Tensor, ws: _ChunkWorkspace, keep
         sum_exp_shifted += shifted.mul_(weights).sum(dim=1)
         if slope is not None:
             weights.mul_(slope)
+    global_max = max_logit
+    if head.shard is not None:
+        global_max, sum_exp, sum_exp_shifted, target_logit = reduce_statistics(
+            head.shard, max_logit, sum_exp, sum_exp_shifted, target_logit
+        )
     log_sum = torch.log(sum_exp)
-    log_sum_exp = max_logit + log_sum
+    log_sum_exp = global_max + log_sum
     mean_shifted = sum_exp_shifted / sum_exp
     return _ChunkStatistics(
         max_logit=max_logit,
-        sum_exp=sum_exp,
         log_sum_exp=log_sum_exp,
         logprobs=target_logit - log_sum_exp,
         entropy=log_sum - mean_shifted,
-        mean_logit=mean_shifted + max_logit,
+        mean_logit=mean_shifted + global_max,
+        targets=targets,
+        owned=owned,
         target_slope=None if alpha is None else 1.0 - (target_logit / alpha).square(),
     )
 
@@ -228,6 +256,8 @@ class _GradientAccumulator:
     def result(self) -> Gradients:
         if self.weight is not None and not self._weight_written:
             self.weight.zero_()
+        if self.hidden is not None and self.head.shard is not None:
+            self.head.shard.all_reduce(self.hidden)  # each slice's dh is a partial sum over the vocabulary
         return self.hidden, self.weight, self.bias
 
 
@@ -241,7 +271,7 @@ def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tup
     rows, ws = _workspace_for(num_tokens, head, hidden.device, with_grad=False)
     for chunk in token_chunks(num_tokens, rows):
         logits, _ = _chunk_logits(ws, hidden[chunk], head)
-        stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=False)
+        stats = _chunk_statistics(logits, targets[chunk], ws, head, keep_exp=False)
         out[0][chunk], out[1][chunk], out[2][chunk] = stats.logprobs, stats.entropy, stats.log_sum_exp
     return out[0], out[1], out[2]
 
@@ -260,14 +290,13 @@ def _chunk_gradient(
     ``coefficients`` gives for them, and the gradient products. The forward and a recomputing backward both run this,
     so a repeated backward reproduces the forward's gradient bit for bit."""
     logits, scaled_hidden = _chunk_logits(ws, hidden[chunk], head)
-    stats = _chunk_statistics(logits, targets[chunk], ws, keep_exp=not with_entropy)
+    stats = _chunk_statistics(logits, targets[chunk], ws, head, keep_exp=not with_entropy)
     g, e = coefficients(stats)
     if with_entropy:
         matrix, row_scale = _entropy_grad_inplace(logits, stats.log_sum_exp, stats.mean_logit, g, e, ws), None
     else:
-        matrix, row_scale = logits, -g / stats.sum_exp  # logits now hold exp(z - max) (times the slope)
-    target_grad = g if stats.target_slope is None else g * stats.target_slope
-    grads.add(chunk, matrix, row_scale, target_grad, targets[chunk], scaled_hidden, ws)
+        matrix, row_scale = logits, -g * stats.probability_scale()  # logits hold exp(z - max) (times the slope)
+    grads.add(chunk, matrix, row_scale, stats.target_grad(g), stats.targets, scaled_hidden, ws)
     return stats
 
 

@@ -19,7 +19,8 @@ the softmax gradient), read twice and written once per logit.
 Objectives that need whole rows (sequence-level importance sampling) take chunks of whole rows, a statistics-only
 row kernel feeds the O(N) torch objective (``fused_gates.objective.evaluate_objective``), and a dz-only row kernel
 turns the buffer into ``dz``; the recomputing backward (rows longer than a chunk, or a repeated backward) uses the
-same dz-only kernel.
+same dz-only kernel. A vocabulary-parallel head takes that split path too: between the two kernels, the slice's
+statistics are made global (:mod:`fused_gates.vocab_parallel`), and dh is all-reduced at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..backend import (
     token_chunks,
 )
 from ..objective import ObjectiveConfig, TokenData, TokenTerms, evaluate_objective
+from ..vocab_parallel import combine_slice_statistics
 from .gates import kernel_gate
 from .row_kernels import fused_token_rows_kernel, rows_grad_kernel, rows_statistics_kernel
 
@@ -82,8 +84,18 @@ class _Workspace:
 
 def _plan(num_tokens: int, head: HeadSpec, device: torch.device, needs: GradientNeeds) -> tuple[int, _Workspace]:
     extra = 2 if head.weight.dtype != torch.float32 else 0
-    rows = plan_chunk_tokens(max(num_tokens, 1), head.vocab, head.memory_budget_mb, extra_bytes_per_logit=extra)
+    budget = head.memory_budget_mb
+    rows = plan_chunk_tokens(max(num_tokens, 1), head.planning_vocab, budget, extra_bytes_per_logit=extra)
     return rows, _Workspace(rows, head, device, needs)
+
+
+def slice_targets(head: HeadSpec, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(read, one_hot)`` target columns of this rank's slice: ``read`` is safe to load (0 where another rank owns
+    the target), ``one_hot`` is -1 there so that no column of this slice takes the one-hot part of dz."""
+    if head.shard is None:
+        return targets, targets
+    local, owned = head.shard.local_targets(targets)
+    return local, torch.where(owned, local, torch.full_like(local, -1))
 
 
 class _Gradients:
@@ -117,6 +129,8 @@ class _Gradients:
                 self.weight.zero_()
             elif self.head.inv_temperature != 1.0:
                 self.weight.mul_(self.head.inv_temperature)
+        if self.hidden is not None and self.head.shard is not None:
+            self.head.shard.all_reduce(self.hidden)  # each slice's dh is a partial sum over the vocabulary
         return self.hidden, self.weight, self.bias
 
 
@@ -207,14 +221,16 @@ def _statistics_then_grad_chunk(
     config: ObjectiveConfig,
     out: dict[str, Tensor],
 ) -> tuple[Tensor, TokenTerms]:
-    """Whole rows in the chunk: statistics kernel, the O(n) torch objective, dz kernel."""
+    """Whole rows in the chunk, or a slice of the vocabulary: statistics kernel, (the slices' statistics combined,)
+    the O(n) torch objective, dz kernel."""
     n = hidden.shape[0]
     logits = ws.product(hidden)
+    read_targets, one_hot_targets = slice_targets(head, targets)
     grid, launch = _row_launch(n)
     rows_statistics_kernel[grid](
         logits,
         head.bias,
-        targets,
+        read_targets,
         out["logprobs"],
         out["entropy"],
         out["log_sum_exp"],
@@ -224,9 +240,14 @@ def _statistics_then_grad_chunk(
         head.softcap,
         **launch,
     )
+    if head.shard is not None:
+        combined = combine_slice_statistics(head.shard, out["logprobs"], out["entropy"], out["log_sum_exp"], targets)
+        for name, value in zip(("logprobs", "entropy", "log_sum_exp"), combined, strict=True):
+            out[name].copy_(value)
     terms = evaluate_objective(out["logprobs"], out["entropy"], tokens, config)
     dz = ws.grad_buffer(n)
-    _launch_rows_grad(logits, dz, targets, head, saved_statistics(out["log_sum_exp"], out["entropy"], terms, config))
+    saved = saved_statistics(out["log_sum_exp"], out["entropy"], terms, config)
+    _launch_rows_grad(logits, dz, one_hot_targets, head, saved)
     return dz, terms
 
 
@@ -271,7 +292,8 @@ def fused_loss_chunks(
         return None
     out = {name: torch.empty(num_tokens, device=hidden.device) for name in ("logprobs", "entropy", "log_sum_exp")}
     grads = _Gradients(num_tokens, hidden.shape[1], head, needs, hidden.device)
-    chunk_step: _ChunkStep = _statistics_then_grad_chunk if config.needs_whole_rows else _fused_token_chunk
+    split = config.needs_whole_rows or head.shard is not None
+    chunk_step: _ChunkStep = _statistics_then_grad_chunk if split else _fused_token_chunk
     parts = []
     for chunk in chunks:
         chunk_out = {name: value[chunk] for name, value in out.items()}
@@ -299,6 +321,6 @@ def recompute_gradient_chunks(
             saved.grad_logprobs[chunk],
             None if saved.grad_entropy is None else saved.grad_entropy[chunk],
         )
-        _launch_rows_grad(logits, dz, targets[chunk], head, chunk_saved)
+        _launch_rows_grad(logits, dz, slice_targets(head, targets[chunk])[1], head, chunk_saved)
         grads.add(chunk, dz, hidden[chunk], ws)
     return grads.result()

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..backend import GradientNeeds, Gradients, HeadSpec, LossForward, SavedStatistics, saved_statistics
 from ..objective import ObjectiveConfig, TokenData, evaluate_objective
-from .chunk_grad import fused_loss_chunks, recompute_gradient_chunks
+from ..vocab_parallel import combine_slice_statistics
+from .chunk_grad import fused_loss_chunks, recompute_gradient_chunks, slice_targets
 from .gates import kernel_gate
 from .logprob_stats import token_statistics
 
@@ -37,9 +38,15 @@ def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
 
 
 def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)`` per token of ``hidden`` [N, H]; one pass of ``tl.dot`` tiles, no gradient."""
+    """``(logp, entropy, lse)`` per token of ``hidden`` [N, H]; one pass of ``tl.dot`` tiles, no gradient (and, for
+    a slice of a vocabulary-parallel head, the slices' statistics combined)."""
     head = head.detached()
-    return token_statistics(hidden.detach(), targets, head.weight, head.bias, head.inv_temperature, head.softcap)
+    _, one_hot_targets = slice_targets(head, targets)  # the tile kernel compares ids, never loads by them
+    logp, entropy, lse = token_statistics(hidden.detach(), one_hot_targets, head.weight, head.bias,
+                                          head.inv_temperature, head.softcap)
+    if head.shard is None:
+        return logp, entropy, lse
+    return combine_slice_statistics(head.shard, logp, entropy, lse, targets)
 
 
 def loss_forward(
