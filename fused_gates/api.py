@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .arguments import check_head_arguments, check_loss_arguments
-from .backend import BACKENDS, HeadSpec, resolve_backend
+from .arguments import check_choice, check_head_arguments, check_loss_arguments
+from .backend import BACKENDS, STATISTICS_METHODS, HeadSpec, resolve_backend
 from .function import GatedPolicyLossFunction
 from .gates import Gate
 from .metrics import loss_metrics, nonfinite_tokens
@@ -219,16 +219,21 @@ def token_logprobs(
     on_nonfinite: str = "raise",
     process_group: object | None = None,
     backend: str = "auto",
+    statistics_method: str = "auto",
     memory_budget_mb: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies [B, T] (float32, 0 where masked) of ``completion_ids`` under the lm_head,
     without gradient and without materialising the logits: the old- and reference-policy passes of RL training.
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
-    ``"raise"`` or ``"propagate"``, which gives NaN at such tokens)."""
+    ``"raise"`` or ``"propagate"``, which gives NaN at such tokens). ``statistics_method`` (Triton backend only):
+    ``"dot"`` (``tl.dot`` tiles, the logits never written), ``"cublas"`` (cuBLAS chunk products read back by a row
+    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.launcher.choose_statistics_method``)."""
     head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
                                 memory_budget_mb, backend, on_nonfinite, logit_softcap, process_group,
                                 nonfinite_policies=("raise", "propagate"))
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap, head.shard)
+    check_choice("statistics_method", statistics_method, STATISTICS_METHODS, "method")
+    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap, head.shard,
+                    statistics_method)
     implementation = resolve_backend(head.backend, spec, None)
     planned = plan_logprob_tokens(head)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, spec)

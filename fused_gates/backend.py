@@ -31,19 +31,34 @@ from .objective import ObjectiveConfig, TokenData, TokenTerms
 from .vocab_parallel import VocabShard
 
 BACKENDS = ("auto", "torch", "triton")
+STATISTICS_METHODS = ("auto", "dot", "cublas")
+"""How the Triton backend's no-grad pass forms the logits: ``tl.dot`` tiles that never write them, or cuBLAS chunk
+products into a float32 buffer read back by the statistics row kernel."""
 
 CPU_MEMORY_BUDGET_MB = 128.0
 """Working buffers on CPU: 128 MiB keeps the loss within 1.04x of the three-product floor at Qwen2.5-0.5B's head
 (2,048 tokens, 2 cores) with 4.7% of the materialised-logits version's extra memory (benchmarks/results/)."""
-GPU_MEMORY_BUDGET_MB = 768.0
-"""On GPU each chunk also round-trips the float32 dW accumulator, so larger chunks pay off; 768 MiB keeps the
-loss's working memory under 1 GiB."""
+GPU_MEMORY_BUDGET_MB = 1792.0
+GPU_MIN_MEMORY_BUDGET_MB = 256.0
+GPU_FREE_MEMORY_SHARE = 0.1
+"""On GPU every token chunk also reads and writes the float32 dW accumulator (8 V H bytes: 4.4 GB at Qwen2.5-7B's
+head), against ``2 n H V`` flops of dW arithmetic: by roofline the traffic is ``4 F / (n B)`` of that arithmetic
+(F flop/s, B bytes/s), ~900 / n on an H100, so chunks want thousands of rows. The default therefore takes the
+largest budget that stays within the 2 GiB of extra memory this package allows itself (1.75 GiB of buffers: ~2,000
+rows of float32 logits plus their bfloat16 dz at V = 152k), and less where the device has little free memory
+(10% of what is free, at least 256 MiB). The first chunk writes dW rather than adding to zeros. The working budget
+against step time at the 7B head is a curve in benchmarks/ (measured on GPU when one runs the GPU check)."""
 VOCAB_BLOCK = 2048
 """Columns per elementwise step of the torch backend: a ``chunk x 2048`` float32 block stays in cache."""
 
 
 def default_memory_budget_mb(device: torch.device) -> float:
-    return GPU_MEMORY_BUDGET_MB if device.type == "cuda" else CPU_MEMORY_BUDGET_MB
+    """The working-buffer budget when the caller gives none (see :data:`GPU_MEMORY_BUDGET_MB`)."""
+    if device.type != "cuda":
+        return CPU_MEMORY_BUDGET_MB
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    share = GPU_FREE_MEMORY_SHARE * free_bytes / 2**20
+    return max(GPU_MIN_MEMORY_BUDGET_MB, min(GPU_MEMORY_BUDGET_MB, share))
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class HeadSpec:
     memory_budget_mb: float
     softcap: float | None = None
     shard: VocabShard | None = None  # the weight is this rank's slice of a vocabulary-parallel head
+    statistics_method: str = "auto"  # the Triton backend's no-grad pass: "dot", "cublas" or "auto"
 
     @property
     def vocab(self) -> int:
@@ -159,7 +175,7 @@ def resolve_backend(requested: str, head: HeadSpec, config: ObjectiveConfig | No
             triton_backend = backend_module("triton")
             if triton_backend.unsupported(head, config) is None:
                 return triton_backend
-        return backend_module("torch")
+        requested = "torch"
     if requested == "triton":
         if not _triton_installed():
             raise ValueError("backend: backend='triton' needs the triton package (pip install triton)")

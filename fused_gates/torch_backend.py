@@ -53,7 +53,9 @@ NAME = "torch"
 
 
 def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
-    """The torch backend runs every input (any device, any dtype, every gate)."""
+    """The torch backend runs every input (any device, any dtype, every gate); its no-grad pass has one method."""
+    if head.statistics_method != "auto":
+        return f"statistics_method={head.statistics_method!r} selects a Triton kernel; the torch backend has none"
     return None
 
 

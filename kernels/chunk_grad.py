@@ -83,7 +83,7 @@ class _Workspace:
 
 
 def _plan(num_tokens: int, head: HeadSpec, device: torch.device, needs: GradientNeeds) -> tuple[int, _Workspace]:
-    extra = 2 if head.weight.dtype != torch.float32 else 0
+    extra = 2 if needs.any and head.weight.dtype != torch.float32 else 0  # the low-precision dz operand
     budget = head.memory_budget_mb
     rows = plan_chunk_tokens(max(num_tokens, 1), head.planning_vocab, budget, extra_bytes_per_logit=extra)
     return rows, _Workspace(rows, head, device, needs)
@@ -225,8 +225,18 @@ def _statistics_then_grad_chunk(
     the O(n) torch objective, dz kernel."""
     n = hidden.shape[0]
     logits = ws.product(hidden)
-    read_targets, one_hot_targets = slice_targets(head, targets)
-    grid, launch = _row_launch(n)
+    _launch_rows_statistics(logits, targets, head, out)
+    terms = evaluate_objective(out["logprobs"], out["entropy"], tokens, config)
+    dz = ws.grad_buffer(n)
+    saved = saved_statistics(out["log_sum_exp"], out["entropy"], terms, config)
+    _launch_rows_grad(logits, dz, slice_targets(head, targets)[1], head, saved)
+    return dz, terms
+
+
+def _launch_rows_statistics(logits: Tensor, targets: Tensor, head: HeadSpec, out: dict[str, Tensor]) -> None:
+    """``logp``, ``H``, ``lse`` of the product's rows into ``out`` (global ones for a vocabulary-parallel slice)."""
+    read_targets, _ = slice_targets(head, targets)
+    grid, launch = _row_launch(logits.shape[0])
     rows_statistics_kernel[grid](
         logits,
         head.bias,
@@ -244,11 +254,18 @@ def _statistics_then_grad_chunk(
         combined = combine_slice_statistics(head.shard, out["logprobs"], out["entropy"], out["log_sum_exp"], targets)
         for name, value in zip(("logprobs", "entropy", "log_sum_exp"), combined, strict=True):
             out[name].copy_(value)
-    terms = evaluate_objective(out["logprobs"], out["entropy"], tokens, config)
-    dz = ws.grad_buffer(n)
-    saved = saved_statistics(out["log_sum_exp"], out["entropy"], terms, config)
-    _launch_rows_grad(logits, dz, one_hot_targets, head, saved)
-    return dz, terms
+
+
+def chunked_statistics(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """The no-grad pass as cuBLAS chunk products and the statistics row kernel: ``(logp, entropy, lse)``."""
+    num_tokens = hidden.shape[0]
+    out = {name: torch.empty(num_tokens, device=hidden.device) for name in ("logprobs", "entropy", "log_sum_exp")}
+    if num_tokens:
+        rows, ws = _plan(num_tokens, head, hidden.device, GradientNeeds(False, False, False))
+        for chunk in token_chunks(num_tokens, rows):
+            logits = ws.product(hidden[chunk])
+            _launch_rows_statistics(logits, targets[chunk], head, {k: v[chunk] for k, v in out.items()})
+    return out["logprobs"], out["entropy"], out["log_sum_exp"]
 
 
 def _launch_rows_grad(logits: Tensor, dz: Tensor, targets: Tensor, head: HeadSpec, saved: SavedStatistics) -> None:

@@ -1,7 +1,7 @@
 """The Triton backend: the backend contract of :mod:`fused_gates.backend` over the kernels.
 
 * no gradient: :func:`~fused_gates.kernels.logprob_stats.token_statistics` (one ``tl.dot`` pass, no logits in
-  memory), then the O(N) objective in torch;
+  memory) or cuBLAS chunks and the statistics row kernel, then the O(N) objective in torch;
 * training: :func:`~fused_gates.kernels.chunk_grad.fused_loss_chunks` (cuBLAS products, the gate fused into a row
   kernel), with the recomputing backward when a row that the objective needs whole does not fit a chunk.
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backend import GradientNeeds, Gradients, HeadSpec, LossForward, SavedStatistics, saved_statistics
 from ..objective import ObjectiveConfig, TokenData, evaluate_objective
 from ..vocab_parallel import combine_slice_statistics
-from .chunk_grad import fused_loss_chunks, recompute_gradient_chunks, slice_targets
+from .chunk_grad import chunked_statistics, fused_loss_chunks, recompute_gradient_chunks, slice_targets
 from .gates import kernel_gate
 from .logprob_stats import token_statistics
 
@@ -37,10 +37,28 @@ def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
     return None
 
 
+CUBLAS_STATISTICS_MIN_TOKENS = 256
+"""``statistics_method="auto"``: cuBLAS chunk products from this many tokens on, ``tl.dot`` tiles below. A prior from
+the roofline, not yet a measurement: at Qwen2.5-7B's head and 8,192 tokens one product is 8.9 TFLOP, ~13 ms in
+cuBLAS at ~85% of an H100's bf16 peak, plus ~3 ms to write and read the float32 logits (8 bytes each), whereas a
+Triton ``tl.dot`` GEMM carrying the online softmax in registers is expected at ~55-65% of peak (~18-20 ms); with few
+tokens the tile kernel splits the vocabulary across programs and avoids the buffer. The GPU benchmark times both
+(``token_logprobs(..., statistics_method=...)``); this rule is to be replaced by its figures."""
+
+
+def choose_statistics_method(num_tokens: int, head: HeadSpec) -> str:
+    if head.statistics_method != "auto":
+        return head.statistics_method
+    return "cublas" if num_tokens >= CUBLAS_STATISTICS_MIN_TOKENS else "dot"
+
+
 def logprobs_and_entropy(hidden: Tensor, targets: Tensor, head: HeadSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)`` per token of ``hidden`` [N, H]; one pass of ``tl.dot`` tiles, no gradient (and, for
-    a slice of a vocabulary-parallel head, the slices' statistics combined)."""
+    """``(logp, entropy, lse)`` per token of ``hidden`` [N, H], no gradient: ``tl.dot`` tiles that never write the
+    logits, or cuBLAS chunks read back by the statistics row kernel (:func:`choose_statistics_method`); for a slice
+    of a vocabulary-parallel head, the slices' statistics combined."""
     head = head.detached()
+    if choose_statistics_method(hidden.shape[0], head) == "cublas":
+        return chunked_statistics(hidden.detach(), targets, head)
     _, one_hot_targets = slice_targets(head, targets)  # the tile kernel compares ids, never loads by them
     logp, entropy, lse = token_statistics(hidden.detach(), one_hot_targets, head.weight, head.bias,
                                           head.inv_temperature, head.softcap)

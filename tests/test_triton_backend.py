@@ -338,15 +338,19 @@ def test_no_grad_forward_uses_statistics_kernel():
 # token_logprobs: the tl.dot statistics kernel
 
 
-@pytest.mark.parametrize("splits", [1, 4], ids=["one-split", "vocab-split-4"])
+METHODS = {"dot-one-split": ("dot", 1), "dot-vocab-split-4": ("dot", 4), "cublas-chunks": ("cublas", None)}
+
+
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_token_logprobs_match_reference(dtype, splits, monkeypatch):
+def test_token_logprobs_match_reference(dtype, method, monkeypatch):
+    statistics_method, splits = method
     _force_vocab_splits(monkeypatch, splits)
     inputs = make_inputs(batch=5, length=9, hidden_size=40, vocab=203, seed=11)
     h, w, b = (t.detach().to(dtype) for t in inputs.leaves(dtype))
     logp, entropy = token_logprobs(
         h.to(DEVICE), w.to(DEVICE), inputs.ids.to(DEVICE), inputs.mask.to(DEVICE), temperature=0.7,
-        bias=b.to(DEVICE), backend="triton",
+        bias=b.to(DEVICE), backend="triton", statistics_method=statistics_method, memory_budget_mb=0.02,
     )
     logits = (h.double() @ w.double().T + b.double()) / 0.7
     log_probs = torch.log_softmax(logits, -1)
@@ -355,3 +359,21 @@ def test_token_logprobs_match_reference(dtype, splits, monkeypatch):
     expected_entropy = torch.where(valid, -(log_probs.exp() * log_probs).sum(-1), 0.0)
     assert max_abs(logp.cpu(), expected_logp) <= 2e-5
     assert max_abs(entropy.cpu(), expected_entropy) <= 2e-5
+
+
+def test_statistics_method_auto_picks_by_token_count():
+    from fused_gates.backend import HeadSpec
+    from fused_gates.kernels.launcher import CUBLAS_STATISTICS_MIN_TOKENS, choose_statistics_method
+
+    head = HeadSpec(torch.zeros(3, 2), None, 1.0, 64.0)
+    assert choose_statistics_method(CUBLAS_STATISTICS_MIN_TOKENS - 1, head) == "dot"
+    assert choose_statistics_method(CUBLAS_STATISTICS_MIN_TOKENS, head) == "cublas"
+
+
+def test_statistics_method_is_refused_where_it_would_be_ignored():
+    inputs = make_inputs(batch=2, length=3, hidden_size=8, vocab=19)
+    h, w, _ = inputs.leaves(torch.float32, bias=False)
+    with pytest.raises(ValueError, match="backend: backend='torch' cannot run this input: statistics_method='dot'"):
+        token_logprobs(h, w, inputs.ids, backend="torch", statistics_method="dot")
+    with pytest.raises(ValueError, match="statistics_method: unknown method 'gemm'"):
+        token_logprobs(h, w, inputs.ids, backend="triton", statistics_method="gemm")
