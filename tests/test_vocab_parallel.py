@@ -71,3 +71,20 @@ def test_ranks_that_disagree_get_an_error_naming_the_argument(tmp_path, case, me
     result = _launch([0, 0], case, worker)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count(message) == 2, result.stdout + result.stderr[-2000:]
+
+
+def test_tensor_parallel_example_runs_and_agrees_with_the_gathered_head(tmp_path):
+    """README's torchrun example, at a tiny size, with its benchmark mode writing a row per rank."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    out = tmp_path / "tp.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "fused_gates.integrations.tensor_parallel", "--vocab", "101", "--hidden-size", "16", "--length", "8",
+           "--benchmark", "sharded", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if "max |difference|" in line]
+    assert len(lines) == 2
+    for line in lines:
+        differences = [float(part.split()[-1]) for part in line.split("max |difference|")[1].split(",")]
+        assert max(differences) < 1e-5, line
+    assert len(out.read_text().splitlines()) == 2
