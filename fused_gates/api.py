@@ -131,8 +131,8 @@ def gated_policy_loss(
         group_size: completions per prompt (consecutive rows); ``eur`` is then the paper's mean over prompt groups
             of the group's token mean of f'(r) (groups without a valid token are left out; no valid token: 0).
             Without it (or ``group_ids``) the batch is one group.
-        group_ids: [B] integer prompt-group id of each row, in [0, B): EUR over these groups (rows need not be
-            consecutive).
+        group_ids: [B] integer prompt-group id of each row: EUR over these groups (rows with equal ids; they need not
+            be consecutive, and the ids may be any integers, e.g. global prompt indices).
         on_nonfinite: what a token (mask set) with an inf / NaN hidden state does: ``"raise"`` (default: a
             ValueError naming ``hidden`` before any product; checked in the same host synchronisation as the other
             value checks), ``"zero"`` (dropped from the loss, its normalisers and the gradients, like a masked token,

@@ -26,15 +26,16 @@ def effective_update_ratio(
     gate_grad: Tensor, tokens: TokenData, group_size: int | None, group_ids: Tensor | None = None
 ) -> Tensor:
     """Paper eq. 12 with the group convention of this module's docstring; the groups are consecutive rows of
-    ``group_size``, or given per row by ``group_ids`` (ids in [0, B))."""
+    ``group_size``, or given per row by ``group_ids`` (any integers: rows with equal ids form a group)."""
     m = tokens.mask
-    if group_size is None and group_ids is None:
+    if group_ids is not None:
+        return _eur_by_group_ids(gate_grad, tokens, group_ids)
+    if group_size is None:
         weighted, counts = (gate_grad * m).sum().reshape(1), m.sum().reshape(1)
     else:
-        groups = tokens.row // group_size if group_ids is None else group_ids[tokens.row]
-        bins = tokens.num_rows // group_size if group_ids is None else tokens.num_rows
-        weighted = m.new_zeros(bins).index_add_(0, groups, gate_grad * m)
-        counts = m.new_zeros(bins).index_add_(0, groups, m)
+        groups = tokens.row // group_size
+        weighted = m.new_zeros(tokens.num_rows // group_size).index_add_(0, groups, gate_grad * m)
+        counts = m.new_zeros(tokens.num_rows // group_size).index_add_(0, groups, m)
     present = counts > 0
     per_group = (weighted / counts.where(present, 1.0)).where(present, 0.0)
     return per_group.sum() / present.sum().clamp(min=1)
@@ -46,6 +47,20 @@ def _row_or_token_mean(flags: Tensor, tokens: TokenData, per_row: bool) -> Tenso
     if not per_row:
         return masked_mean(flags, tokens.mask)
     return flags.new_zeros(tokens.num_rows).scatter_reduce_(0, tokens.row, flags, reduce="amax").mean()
+
+
+def _eur_by_group_ids(gate_grad: Tensor, tokens: TokenData, group_ids: Tensor) -> Tensor:
+    """The same mean with arbitrary group ids and no host synchronisation: a [B, B] same-group matrix sums the rows
+    of each row's group, and each group counts once through the weight 1 / (rows in the group)."""
+    m = tokens.mask
+    row_weighted = m.new_zeros(tokens.num_rows).index_add_(0, tokens.row, gate_grad * m)
+    row_counts = m.new_zeros(tokens.num_rows).index_add_(0, tokens.row, m)
+    same_group = (group_ids[:, None] == group_ids[None, :]).to(m.dtype)
+    group_weighted, group_counts = same_group @ row_weighted, same_group @ row_counts
+    share = 1.0 / same_group.sum(1)  # each group's rows share one vote
+    present = group_counts > 0
+    per_group = (group_weighted / group_counts.where(present, 1.0)).where(present, 0.0)
+    return (per_group * share).sum() / (present * share).sum().clamp(min=1e-30)
 
 
 def loss_metrics(

@@ -195,8 +195,4 @@ def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
         mask = args.entropy_mask.float()
         checks.append(ValueCheck("entropy_mask", "must be finite and >= 0",
                                  ~(torch.isfinite(mask) & (mask >= 0)).all()))
-    if args.group_ids is not None:
-        batch = args.group_ids.shape[0]
-        checks.append(ValueCheck("group_ids", f"must lie in [0, {batch}) (B)",
-                                 (args.group_ids.min() < 0) | (args.group_ids.max() >= batch)))
     return checks

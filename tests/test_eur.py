@@ -67,3 +67,15 @@ def _rows(inputs, keep):
 
     return LossInputs(inputs.hidden[keep], inputs.weight, inputs.bias, inputs.ids[keep], inputs.advantages[keep],
                       inputs.mask[keep], inputs.old[keep], inputs.ref[keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_ids_may_be_any_integers_and_rows_in_any_order(backend):
+    inputs = make_inputs(batch=6, length=5, hidden_size=8, vocab=29, seed=45)
+    consecutive = _eur(inputs, inputs.mask, backend, inputs.old, group_size=2)
+    ids = torch.tensor([103, 103, -7, -7, 12, 12])  # the same groups, labelled arbitrarily
+    assert max_abs(_eur(inputs, inputs.mask, backend, inputs.old, group_ids=ids.to(DEVICE)), consecutive) < 1e-6
+    order = [4, 0, 2, 5, 3, 1]  # rows shuffled, as TRL shuffles a generation batch
+    shuffled = _rows(inputs, order)
+    ids_shuffled = ids[order].to(DEVICE)
+    assert max_abs(_eur(shuffled, shuffled.mask, backend, shuffled.old, group_ids=ids_shuffled), consecutive) < 1e-6

@@ -156,7 +156,7 @@ BAD = {
                                             "sampling_logprobs: only applies with off_policy_mask_threshold"),
     "group-ids-and-size": (dict(group_ids=torch.zeros(4, dtype=torch.long), group_size=2), ValueError,
                            "group_ids: give group_size or group_ids, not both"),
-    "group-ids-out-of-range": (dict(group_ids=torch.tensor([0, 1, 2, 4])), ValueError, r"group_ids: must lie in"),
+    "group-ids-float": (dict(group_ids=torch.tensor([0.0, 1.0, 2.0, 4.0])), TypeError, r"group_ids: expected an int"),
     "negative-sampling-ratio": (dict(sampling_ratio=-torch.ones(4, 7)), ValueError, "sampling_ratio: must be finite"),
     "entropy-mask-shape": (dict(entropy_mask=torch.ones(4, 6)), ValueError, r"entropy_mask: expected shape \[4, 7\]"),
     "vespo-k-not-a-pair": (dict(gate="vespo", vespo_k=2.0), TypeError, "vespo_k: expected a"),
