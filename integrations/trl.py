@@ -1,268 +1,292 @@
 """TRL drop-in: :class:`GatedGRPOTrainer`, a ``trl.GRPOTrainer`` whose policy loss is :func:`gated_policy_loss`.
 
-The loss runs inside the model's forward (``model(..., fused_gates_head=fn)``): the backbone's last hidden states
-and the lm_head go straight into the fused loss, so the completion logits are never materialised, and under
-DeepSpeed ZeRO-3 the lm_head is gathered for the loss while the engine's hooks are armed. The no-grad old- and
-reference-policy passes use :func:`token_logprobs` the same way.
+Swap ``GRPOConfig`` for :class:`GatedGRPOConfig` and ``GRPOTrainer`` for :class:`GatedGRPOTrainer`: without ``gate``
+the training is TRL 1.16's for every ``loss_type`` and option (the mapping is in :mod:`.trl_config`), with the loss
+computed from the last hidden states and the lm_head without materialising the completion logits.
 
-Supported TRL 1.16 options: loss types grpo / bnpo / dr_grpo / dapo (with ``num_items_in_batch``),
-``num_iterations`` > 1 (old log-probs), ``beta`` with a reference model (or PEFT's disabled adapter),
-``use_bias_correction_kl``, sampling ``temperature``, token- and sequence-level importance sampling, the vLLM
-importance-sampling correction, a static ``entropy_coef``, tool masks and gradient accumulation. Options whose
-semantics the fused loss cannot reproduce are refused when the trainer is built.
+How it runs. TRL installs its fused LM head on the policy (PEFT's base model) and the reference model while it builds
+them, before any distributed wrapping; this trainer installs :func:`.fused_head.add_gated_head` in its place, so
+TRL's own no-grad passes (old and reference log-probs, with its batching and multimodal slicing) get their log-probs
+from :func:`token_logprobs`, and the training loss runs inside the model's forward
+(``model(..., fused_gates_head=fn)``) as the lm_head's own call. Per micro-batch:
+
+- ``top_entropy_quantile < 1``: one no-grad :func:`token_logprobs` pass on the same hidden states gives the
+  entropies, TRL's ``get_high_entropy_mask`` the mask, then the loss with ``entropy_mask`` (one more product
+  ``hidden @ W^T`` per micro-batch, no second backbone forward);
+- the entropy bonus, ``use_adaptive_entropy`` (window statistics, controller state and checkpoint file as TRL's),
+  the vLLM importance-sampling ratio, ``off_policy_mask_threshold``, the KL term and the MoE router loss (added,
+  divided for gradient accumulation and logged as ``aux_loss``) are applied as TRL 1.16 applies them;
+- the metrics are TRL's, by TRL's cross-process rules, plus the gate's (:mod:`.trl_metrics`).
+
+Off-policy micro-batches. A micro-batch is off-policy when at least one optimiser step has been taken since its
+generation batch was sampled (the second and later of ``num_iterations``, or a later optimiser step of a generation
+batch that spans several): its ratios ``pi_theta / pi_old`` can differ from 1. The first pass over a batch is
+on-policy even with the vLLM importance-sampling correction: that correction multiplies the policy term by
+``pi_old / pi_sampler`` but the gate sees ``pi_theta / pi_old = 1``, whose f'(1) = 1 says nothing about the gate.
+``eur/off_policy`` and ``eur/on_policy`` are logged accordingly, and :meth:`GatedGRPOTrainer.pop_off_policy_eur`
+returns the off-policy EUR for the adaptive gate temperature (``gate_eur_target``).
 """
 
 from __future__ import annotations
 
-import functools
-import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from trl import GRPOTrainer
 
-from ..api import BACKENDS, GatedPolicyLossOutput, gated_policy_loss, token_logprobs
-from ..gates import get_gate
+from .. import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
+from .fused_head import LogitTransform, add_gated_head, is_patched, logit_transform
+from .trl_config import GatedGRPOConfig, GateObjective, resolve_objective
+from .trl_metrics import LossMetrics, MetricSettings
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
-                    "mm_token_type_ids", "image_position_ids", "spatial_shapes", "num_tiles")
+__all__ = ["GatedGRPOConfig", "GatedGRPOTrainer", "add_gated_head"]
 
+GROUP_KEY = "fused_gates_group"
+"""Input key of each row's prompt group (global row index // group size), attached when the batch is scored so that
+it survives TRL's shuffle and split of the generation batch."""
+GENERATED_AT_KEY = "fused_gates_generated_at_step"
+"""Input key of the optimiser step at which the batch was generated (0-dim): tells off-policy micro-batches."""
 
-@dataclass
-class GatedGRPOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` plus the gate. ``loss_type`` sets the aggregation (grpo, bnpo, dr_grpo, dapo), ``gate`` the
-    objective: ``gate="sigmoid"`` with ``loss_type="grpo"`` is TRL's ``sapo``; ``gate="clip"`` is TRL's clipped
-    objective with ``epsilon`` / ``epsilon_high``."""
-
-    gate: str = field(
-        default="sigmoid",
-        metadata={"help": "Gate: clip, sigmoid (SAPO), erf, arctan, softsign, or a name given to register_gate."},
-    )
-    gate_tau_pos: float = field(default=1.0, metadata={"help": "Gate temperature where the advantage is positive."})
-    gate_tau_neg: float = field(default=1.05, metadata={"help": "Gate temperature where the advantage is <= 0."})
-    gate_backend: str = field(default="auto", metadata={"help": "fused_gates backend: auto, torch or triton."})
-    gate_memory_budget_mb: float | None = field(
-        default=None, metadata={"help": "Working-buffer budget of the fused loss (MiB); default by device."}
-    )
-
-
-def _refuse_unsupported(args: GatedGRPOConfig) -> None:
-    problems = []
-    if args.loss_type == "sapo":
-        problems.append("loss_type='sapo' is gate='sigmoid' with loss_type='grpo' here (temperatures: gate_tau_pos, "
-                        "gate_tau_neg)")
-    elif args.loss_type not in SUPPORTED_LOSS_TYPES:
-        problems.append(f"loss_type={args.loss_type!r} is not a gated objective; use one of "
-                        f"{', '.join(SUPPORTED_LOSS_TYPES)}")
-    if args.delta is not None:
-        problems.append("delta (two-sided clipping) is not supported by the fused loss")
-    if args.top_entropy_quantile < 1.0:
-        problems.append("top_entropy_quantile < 1 needs the entropies before the loss; not supported")
-    if args.off_policy_mask_threshold is not None:
-        problems.append("off_policy_mask_threshold needs the log-probs before the loss; not supported")
-    if args.use_adaptive_entropy:
-        problems.append("use_adaptive_entropy is not supported; use a static entropy_coef")
-    if args.gate_backend not in BACKENDS:
-        problems.append(f"gate_backend={args.gate_backend!r}; choose one of {', '.join(BACKENDS)}")
-    try:
-        get_gate(args.gate)
-    except (ValueError, TypeError) as error:
-        problems.append(str(error))
-    for name in ("gate_tau_pos", "gate_tau_neg"):
-        if not getattr(args, name) > 0:
-            problems.append(f"{name} must be > 0, got {getattr(args, name)}")
-    if problems:
-        raise ValueError("GatedGRPOTrainer cannot train this configuration:\n- " + "\n- ".join(problems))
-
-
-def _logit_scale(model: nn.Module) -> float:
-    """The factor some architectures apply to the logits (folded into the temperature); refuses soft-capping."""
-    config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError(
-            "GatedGRPOTrainer: the model soft-caps its logits (final_logit_softcapping), which the fused loss does "
-            "not implement"
-        )
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return float(value)
-    if getattr(config, "logits_scaling", None) is not None:
-        return 1.0 / float(config.logits_scaling)
-    return 1.0
-
-
-def add_gated_head(model: nn.Module) -> None:
-    """Let ``model(..., fused_gates_head=fn)`` run the backbone and return ``fn(last_hidden_state, lm_head)``.
-
-    Without the keyword the forward is the previous one, so generation and TRL's own passes are unchanged. Apply it
-    to the model PEFT wraps (the base model): PEFT forwards unknown keywords to it.
-    """
-    if getattr(model, "_fused_gates_head", False):
-        return
-    previous_forward = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_gates_head: Callable[[torch.Tensor, nn.Module], Any] | None = None, **kwargs):
-        if fused_gates_head is None:
-            return previous_forward(*args, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        return fused_gates_head(hidden, self.get_output_embeddings())
-
-    model.forward = types.MethodType(forward, model)
-    model._fused_gates_head = True
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                   "token_type_ids", "mm_token_type_ids", "image_position_ids")
+"""The batch's model inputs besides the token ids: TRL passes all of them for a micro-batch scored in one chunk
+(``num_images`` / ``num_tiles`` only slice chunks)."""
 
 
 class GatedGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` with the gated policy loss of :func:`fused_gates.gated_policy_loss`.
+    """``trl.GRPOTrainer`` with the policy loss of :func:`fused_gates.gated_policy_loss` (see the module docstring).
 
-    Logs per step, next to TRL's metrics: ``eur``, ``entropy``, ``gate/mean``, ``ratio/mean|min|max``, ``kl`` when
-    ``beta != 0`` and, for the clip gate, TRL's ``clip_ratio/low_mean|high_mean|region_mean``. Multi-process values
-    are the mean of the per-process values (min / max for the ratio's extremes).
+    Logs per step, besides TRL's metrics: ``eur`` (over prompt groups), ``eur/on_policy`` / ``eur/off_policy``,
+    ``gate/mean``, ``ratio/mean|min|max`` and ``nonfinite_tokens``.
     """
 
-    def __init__(self, model, reward_funcs, args: GatedGRPOConfig | None = None, *pargs, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: GatedGRPOConfig | None = None, *pargs, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = GatedGRPOConfig(f"{name.split('/')[-1]}-GatedGRPO")
         if not isinstance(args, GatedGRPOConfig):
             raise TypeError(f"args must be a GatedGRPOConfig, got {type(args).__name__}")
-        _refuse_unsupported(args)
-        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._gate_logit_scale = _logit_scale(base)
-        add_gated_head(base)
-        if self.ref_model is not None:
-            if _logit_scale(self.ref_model) != self._gate_logit_scale:
-                raise ValueError("GatedGRPOTrainer: the reference model scales its logits differently")
-            add_gated_head(self.ref_model)
+        # refusals before anything is loaded
+        self._objective: GateObjective = resolve_objective(args)
+        if args.gate_eur_target is not None:
+            from .adaptive_gate import check_can_adapt
 
-    # -- the fused head ------------------------------------------------------------------------------------------
+            check_can_adapt(self._objective.gate, args.num_iterations,
+                            bool(args.use_vllm and args.vllm_importance_sampling_correction))
+        self._gate_temperatures = (self._objective.tau_pos, self._objective.tau_neg)
+        self._off_policy_eur_parts: torch.Tensor | None = None
+        with self._gated_heads_installed(args):
+            super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if not is_patched(policy):
+            raise RuntimeError("GatedGRPOTrainer: TRL did not install its fused LM head through add_fused_lm_head; "
+                               "this trainer supports TRL 1.16")
+        self._logit_transform: LogitTransform = logit_transform(policy.config, self.temperature)
+        self._loss_metrics = LossMetrics(self.accelerator, MetricSettings(
+            objective=self._objective, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            delta=args.delta, sequence_level=self.importance_sampling_level == "sequence", beta=self.beta,
+        ))
+        if args.gate_eur_target is not None:
+            from .adaptive_gate import AdaptiveGateCallback
+
+            self.add_callback(AdaptiveGateCallback(self))
+
+    @staticmethod
+    @contextmanager
+    def _gated_heads_installed(args: GatedGRPOConfig) -> Iterator[None]:
+        """While TRL builds the models, its ``add_fused_lm_head`` installs the fused-gates head instead (on the policy
+        or PEFT's base model and on the reference model, before they are wrapped)."""
+        module = sys.modules[GRPOTrainer.__module__]
+        trl_head = module.add_fused_lm_head
+
+        def install(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, outputs=None) -> None:
+            add_gated_head(model, logit_transform(model.config, temperature),
+                           cast_lm_head_to_fp32=cast_lm_head_to_fp32, backend=args.gate_backend,
+                           memory_budget_mb=args.gate_memory_budget_mb)
+
+        module.add_fused_lm_head = install
+        try:
+            yield
+        finally:
+            module.add_fused_lm_head = trl_head
+
+    # -- the adaptive gate temperature's interface -------------------------------------------------------------------
+
+    def set_gate_temperatures(self, tau_pos: float, tau_neg: float) -> None:
+        """The gate temperatures of every later loss call."""
+        if not self._objective.tempered:
+            raise ValueError(f"gate {self._objective.gate!r} has no temperature")
+        for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                     and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        self._gate_temperatures = (float(tau_pos), float(tau_neg))
 
     @property
-    def _head_temperature(self) -> float:
-        # z = logit_scale * (h W^T + b) / T
-        return self.temperature / self._gate_logit_scale
+    def gate_temperatures(self) -> tuple[float | None, float | None]:
+        return self._gate_temperatures
 
-    def _head_inputs(self, hidden: torch.Tensor, lm_head: nn.Module, logits_to_keep: int):
-        """Completion positions' states (the one before each completion token) and the head, in one dtype."""
-        hidden = hidden[:, -logits_to_keep - 1 : -1]
-        weight, bias = lm_head.weight, lm_head.bias
-        hidden = hidden.to(weight.device)
-        if self.args.cast_lm_head_to_fp32:
-            hidden = hidden.float()
-        elif hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            hidden = hidden.to(weight.dtype)
-        return hidden, weight, bias
+    def pop_off_policy_eur(self) -> float | None:
+        """Token-weighted mean EUR over every process's off-policy micro-batches since the last call (None when there
+        were none). A collective: every process calls it at the same point."""
+        parts = self._off_policy_eur_parts
+        if parts is None:
+            parts = torch.zeros(2, device=self.accelerator.device)
+        self._off_policy_eur_parts = None
+        total, tokens = self.accelerator.reduce(parts.clone(), reduction="sum").tolist()
+        return total / tokens if tokens > 0 else None
 
-    def _autocast_for_head(self):
-        if self.args.cast_lm_head_to_fp32:
-            return torch.autocast(self.accelerator.device.type, enabled=False)
-        return self.accelerator.autocast()
+    # -- generation: remember each row's prompt group and when the batch was sampled ---------------------------------
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **extra):
-        if torch.is_grad_enabled() or compute_aux_loss or any(v is not None for v in extra.values()):
-            # Training passes go through _compute_loss; MoE aux losses and multimodal inputs keep TRL's path.
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                **extra,
-            )
-        batch_size = batch_size or input_ids.size(0)
-        all_logps, all_entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids, attn = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            completion_ids, completion_mask = ids[:, -logits_to_keep:], attn[:, -logits_to_keep:]
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        rows = output["completion_ids"].size(0)
+        first = self.accelerator.process_index * rows  # TRL's slice of the gathered, prompt-grouped rows
+        index = torch.arange(first, first + rows, device=output["completion_ids"].device)
+        output[GROUP_KEY] = torch.div(index, group_size, rounding_mode="floor")
+        output[GENERATED_AT_KEY] = torch.tensor(self.state.global_step)
+        return output
 
-            def head(hidden, lm_head, completion_ids=completion_ids, completion_mask=completion_mask):
-                hidden, weight, bias = self._head_inputs(hidden, lm_head, logits_to_keep)
-                with self._autocast_for_head(), maybe_gather_lm_head_ctx(weight, bias):
-                    logps, entropy = token_logprobs(hidden, weight, completion_ids, completion_mask,
-                                                    temperature=self._head_temperature, bias=bias,
-                                                    backend=self.args.gate_backend,
-                                                    memory_budget_mb=self.args.gate_memory_budget_mb)
-                return {"log_probs": logps, "entropy": entropy}
+    # -- the loss ----------------------------------------------------------------------------------------------------
 
-            with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=attn, fused_gates_head=head)
-            all_logps.append(out["log_probs"])
-            all_entropies.append(out["entropy"])
-        entropies = torch.cat(all_entropies) if compute_entropy else None
-        return torch.cat(all_logps), entropies, None
+    def _applied_entropy_coef(self) -> float:
+        """TRL's coefficient for this accumulation window (adaptive: fixed at the end of the previous step)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return float(self.entropy_coef)
 
-    # -- the loss ------------------------------------------------------------------------------------------------
+    def _loss_options(self, mode: str, inputs: dict[str, Any], accumulation: int) -> dict[str, Any]:
+        objective, args = self._objective, self.args
+        entropy_coef = self._applied_entropy_coef()
+        num_items = None
+        if not objective.divided_by_accumulation:
+            # num_items_in_batch spans the generation batch: TRL rescales it to one accumulation window, and divides
+            # only the entropy bonus by the accumulation steps
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * accumulation / args.steps_per_generation
+            entropy_coef = entropy_coef / accumulation
+        options: dict[str, Any] = dict(
+            gate=objective.gate, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            loss_type=objective.aggregation, max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items, importance_sampling_level=self.importance_sampling_level, beta=self.beta,
+            use_bias_correction_kl=args.use_bias_correction_kl, entropy_coef=entropy_coef,
+            off_policy_mask_threshold=self.off_policy_mask_threshold, on_nonfinite=args.gate_on_nonfinite,
+            backend=args.gate_backend, memory_budget_mb=args.gate_memory_budget_mb, **self._logit_transform.options(),
+        )
+        if objective.tempered:
+            options["tau_pos"], options["tau_neg"] = self._gate_temperatures
+        if args.delta is not None:  # the configuration refuses it for a gate other than clip
+            options["delta"] = args.delta
+        if objective.gate == "vespo":
+            options["vespo_k"] = (args.vespo_k_pos, args.vespo_k_neg)
+            options["vespo_lambda"] = (args.vespo_lambda_pos, args.vespo_lambda_neg)
+        if self.off_policy_mask_threshold is not None:
+            options["sampling_logprobs"] = inputs.get("sampling_per_token_logps")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]
+            if ratio.size(1) == 1 and objective.gate != "vespo":  # sequence modes: one ratio per sequence
+                ratio = ratio.expand_as(inputs["completion_ids"])
+            options["sampling_ratio"] = ratio
+        if GROUP_KEY in inputs:
+            options["group_ids"] = inputs[GROUP_KEY]
+        return options
 
     def _compute_loss(self, model, inputs):
-        if any(inputs.get(key) is not None for key in _MULTIMODAL_KEYS):
-            raise NotImplementedError("GatedGRPOTrainer: multimodal inputs are not supported by the fused loss")
+        mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-
         advantages = inputs["advantages"]
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL multiplies the policy term (not the KL) by the sampler's importance ratio: the same as scaling A.
-            ratio = inputs["importance_sampling_ratio"]
-            advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio
-            advantages = advantages.expand_as(completion_ids).contiguous()
-        mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        entropy_coef = float(self.entropy_coef) if self._entropy_bonus_enabled else 0.0
-        num_items = None
-        if self.loss_type == "dapo":
-            # num_items_in_batch spans the generation batch: rescale it to one accumulation window, as TRL does
-            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                num_items = num_items * accumulation / self.args.steps_per_generation
-            entropy_coef = entropy_coef / accumulation  # TRL scales only the bonus for accumulation here
-        batch = completion_ids.size(0)
-        group_size = self.num_generations if batch % self.num_generations == 0 else None
+        options = self._loss_options(mode, inputs, accumulation)
         old = inputs.get("old_per_token_logps")
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        transform, args = self._logit_transform, self.args
+        model_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None}
+        if self.aux_loss_enabled:
+            model_inputs["output_router_logits"] = True
 
-        def head(hidden, lm_head):
-            hidden, weight, bias = self._head_inputs(hidden, lm_head, logits_to_keep)
-            with self._autocast_for_head(), maybe_gather_lm_head_ctx(weight, bias):
-                out = gated_policy_loss(
-                    hidden, weight, completion_ids, advantages, mask, old, ref,
-                    gate=self.args.gate, tau_pos=self.args.gate_tau_pos, tau_neg=self.args.gate_tau_neg,
-                    epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
-                    max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
-                    importance_sampling_level=self.importance_sampling_level, beta=self.beta,
-                    use_bias_correction_kl=self.args.use_bias_correction_kl, temperature=self._head_temperature,
-                    entropy_coef=entropy_coef, bias=bias, group_size=group_size, backend=self.args.gate_backend,
-                    memory_budget_mb=self.args.gate_memory_budget_mb,
-                )
-            return {"loss": out.loss, "fused_gates": out}
+        def head(hidden, weight, bias):
+            hidden = hidden[:, -logits_to_keep - 1 : -1]
+            entropy_mask = None
+            if self.top_entropy_quantile < 1.0:
+                # the entropies of this forward's hidden states, then TRL's quantile mask (gathered across processes)
+                _, entropies = token_logprobs(hidden.detach(), weight.detach(), completion_ids, mask,
+                                              bias=None if bias is None else bias.detach(), backend=args.gate_backend,
+                                              memory_budget_mb=args.gate_memory_budget_mb, **transform.options())
+                entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            out = gated_policy_loss(hidden, weight, completion_ids, advantages, mask, old, ref, bias=bias,
+                                    entropy_mask=entropy_mask, **options)
+            return {"loss": out.loss, "output": out, "entropy_mask": entropy_mask}
 
         with self.accelerator.autocast():
-            result = model(input_ids=input_ids, attention_mask=attention_mask, fused_gates_head=head)
-        out: GatedPolicyLossOutput = result["fused_gates"]
-        loss = result["loss"]
-        if self.loss_type != "dapo":
+            result = model(input_ids=input_ids, attention_mask=attention_mask, fused_gates_head=head, **model_inputs)
+        out: GatedPolicyLossOutput = result["head"]["output"]
+        loss = result["head"]["loss"]
+        if self._objective.divided_by_accumulation:
             loss = loss / accumulation
-        self._log_gate_metrics(mode, out, entropy_coef)
+        if self.aux_loss_enabled:
+            aux_loss = result["aux_loss"]
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach())
+                                                   .mean().item())
+        if self._entropy_bonus_enabled:
+            self._record_entropy_bonus(mode, out, mask, result["head"]["entropy_mask"])
+        self._record_metrics(mode, inputs, out, mask, advantages, old)
         return loss
 
-    def _log_gate_metrics(self, mode: str, out: GatedPolicyLossOutput, entropy_coef: float) -> None:
-        metrics = self._metrics[mode]
-        gather = self.accelerator.gather
-        for key, value in out.metrics.items():
-            values = gather(value.detach().float().reshape(1))
-            if key == "ratio/min":
-                metrics[key].append(values.min().item())
-            elif key == "ratio/max":
-                metrics[key].append(values.max().item())
-            else:
-                metrics[key].append(values.mean().item())
-        if entropy_coef and mode == "train" and self.accelerator.sync_gradients:
-            metrics["entropy_coef"].append(self.entropy_coef)
+    def _record_entropy_bonus(self, mode: str, out: GatedPolicyLossOutput, mask, entropy_mask) -> None:
+        """TRL's policy_loss metric, adaptive entropy controller and entropy_coef metric."""
+        policy_loss = out.metrics["policy_loss"].detach().float()
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            # the window's entropy sum and token count over the tokens the bonus acts on, reduced at the step's end
+            effective = (mask if entropy_mask is None else mask * entropy_mask).float()
+            stats = torch.stack([(out.entropy.float() * effective).sum(), effective.sum()]).detach()
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                step = self.args.entropy_coef_delta
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    def _record_metrics(self, mode: str, inputs, out: GatedPolicyLossOutput, mask, advantages, old) -> None:
+        phi_seq = None
+        if self._objective.gate == "vespo":
+            # TRL's own gamma weights of the log-probs this pass computed
+            logprobs = out.logprobs
+            log_ratio = logprobs - (logprobs if old is None else old)
+            args = self.args
+            phi_seq = GRPOTrainer.get_gamma_weights(
+                advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
+                log_ratio_per_token=log_ratio, mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"), k_pos=args.vespo_k_pos,
+                lambda_pos=args.vespo_lambda_pos, k_neg=args.vespo_k_neg, lambda_neg=args.vespo_lambda_neg,
+            )
+        generated_at = inputs.get(GENERATED_AT_KEY)
+        off_policy = mode == "train" and generated_at is not None and self.state.global_step > int(generated_at)
+        parts = self._loss_metrics.record(self._metrics[mode], out, mask, advantages, group_ids=inputs.get(GROUP_KEY),
+                                          off_policy=off_policy, phi_seq=phi_seq)
+        if off_policy:
+            previous = self._off_policy_eur_parts
+            self._off_policy_eur_parts = parts if previous is None else previous + parts

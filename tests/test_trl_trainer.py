@@ -1,188 +1,380 @@
-"""GatedGRPOTrainer against TRL 1.16's own GRPOTrainer loss on the same generated batch, with a tiny local model."""
+"""GatedGRPOTrainer beyond TRL's options: the gate, its refusals, prompt groups through TRL's shuffle, off-policy EUR,
+the adaptive temperature's interface, the options that reach the loss, and LoRA.
+
+(TRL's own objectives and options, without a gate, are in ``test_trl_parity_matrix.py``.)
+"""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("trl", reason="TRL (the 'trl' extra) is needed for the trainer tests")
-transformers = pytest.importorskip("transformers", reason="transformers (the 'trl' extra) is needed")
-datasets = pytest.importorskip("datasets", reason="datasets (the 'trl' extra) is needed")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from trl import GRPOTrainer  # noqa: E402
+import trl_fixtures as fixtures
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
-from fused_gates.integrations.trl import GatedGRPOConfig, GatedGRPOTrainer  # noqa: E402
-
-WORDS = ["<pad>", "<eos>", "<unk>", "<think>", "</think>", "<answer>", "</answer>", *[str(i) for i in range(10)],
-         "+", "=", "what", "is", "ok"]
-
-
-def tiny_tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>", padding_side="left")
+import fused_gates.integrations.trl as gated_trl
+from fused_gates import GatedPolicyLossOutput
+from fused_gates.integrations.trl import GROUP_KEY, GatedGRPOConfig, GatedGRPOTrainer
+from fused_gates.integrations.trl_config import TRL_OBJECTIVES, resolve_objective
+from fused_gates.integrations.trl_metrics import LossMetrics, MetricSettings
 
 
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=64, tie_word_embeddings=False,
-                                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    return transformers.Qwen2ForCausalLM(config).float()
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with fixtures.single_thread():
+        yield
 
 
-def think_reward(completions, **kwargs):
-    return [float(c.count("<think>")) - 0.1 * len(c.split()) for c in completions]
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny") / "dense", "dense")
 
 
-def dataset(n: int = 8):
-    return datasets.Dataset.from_list([{"prompt": f"what is {i % 10} + {(3 * i) % 10} ="} for i in range(n)])
+def config(**options) -> GatedGRPOConfig:
+    return GatedGRPOConfig(output_dir="unused", report_to=[], use_cpu=True, bf16=False, **options)
 
 
-def make_trainer(tmp_path, **overrides):
-    options = dict(output_dir=str(tmp_path / "run"), model_init_kwargs={"dtype": torch.float32},
-                   per_device_train_batch_size=4, num_generations=4,
-                   max_completion_length=6, max_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
-                   logging_steps=1, save_strategy="no", seed=0, temperature=1.0, bf16=False)
-    options.update(overrides)
-    args = GatedGRPOConfig(**options)
-    # saved and loaded by path, as users pass a model name: TRL then builds the reference model from it
-    model_dir = tmp_path / "tiny-model"
-    if not model_dir.exists():
-        tiny_model().save_pretrained(model_dir)
-    return GatedGRPOTrainer(model=str(model_dir), reward_funcs=think_reward, args=args, train_dataset=dataset(),
-                            processing_class=tiny_tokenizer())
+# -- the configuration -----------------------------------------------------------------------------------------------
 
 
-def generated_batch(trainer, perturb: float = 0.0):
-    rows = [dict(r) for r in dataset(4)]
-    trainer.current_gradient_accumulation_steps = 1
-    torch.manual_seed(1)
-    inputs = trainer._generate_and_score_completions(rows)
-    if perturb:
-        # a policy update since sampling: ratios differ from 1 against the stored old log-probs
-        with torch.no_grad():
-            for p in trainer.model.parameters():
-                p.add_(perturb * torch.randn_like(p))
-    return inputs
+@pytest.mark.parametrize("loss_type", list(TRL_OBJECTIVES))
+def test_no_gate_is_the_trl_objective_of_the_loss_type(loss_type):
+    objective = resolve_objective(config(loss_type=loss_type, sapo_temperature_pos=2.0, sapo_temperature_neg=3.0))
+    assert (objective.gate, objective.aggregation) == TRL_OBJECTIVES[loss_type]
+    assert (objective.tau_pos, objective.tau_neg) == ((2.0, 3.0) if loss_type == "sapo" else (None, None))
 
 
-def loss_and_grads(compute, trainer, inputs):
-    trainer.model.zero_grad()
-    loss = compute(trainer.model, inputs)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+def test_trl_defaults_are_dapo_with_the_clip():
+    objective = resolve_objective(config())
+    assert (objective.gate, objective.aggregation) == ("clip", "dapo")
 
 
-def trl_view(trainer, loss_type):
-    view = copy.copy(trainer)
-    view.loss_type = loss_type
-    view._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    return view
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo"])
+def test_a_gate_keeps_the_aggregation(loss_type):
+    objective = resolve_objective(config(loss_type=loss_type, gate="erf"))
+    assert objective.gate == "erf"
+    assert objective.aggregation == TRL_OBJECTIVES[loss_type][1]
+    assert (objective.tau_pos, objective.tau_neg) == (1.0, 1.05)  # TRL's sapo temperatures by default
 
 
-CASES = {
-    "sigmoid_equals_trl_sapo": (dict(gate="sigmoid", loss_type="grpo", gate_tau_pos=2.0, gate_tau_neg=3.0,
-                                     sapo_temperature_pos=2.0, sapo_temperature_neg=3.0), "sapo"),
-    "clip_equals_trl_grpo": (dict(gate="clip", loss_type="grpo", epsilon=0.05), "grpo"),
-    "clip_equals_trl_dapo": (dict(gate="clip", loss_type="dapo", epsilon=0.05, epsilon_high=0.08), "dapo"),
-    "clip_kl_sequence_bnpo": (dict(gate="clip", loss_type="bnpo", beta=0.1, importance_sampling_level="sequence",
-                                   epsilon=0.05), "bnpo"),
+MEANINGLESS = {
+    "gate_replacing_cispo": (dict(loss_type="cispo", gate="erf"), "detached weight"),
+    "gate_replacing_vespo": (dict(loss_type="vespo", gate="sigmoid"), "detached weight"),
+    "delta_without_clip": (dict(loss_type="sapo", delta=1.5), "delta caps"),
+    "temperature_of_the_clip": (dict(gate_tau_pos=2.0), "gate_tau_pos: gate 'clip' has no temperature"),
+    "temperature_of_cispo": (dict(loss_type="cispo", gate_tau_neg=2.0), "gate 'cispo' has no temperature"),
+    "unknown_gate": (dict(gate="tanh"), "gate:"),
+    "non_positive_temperature": (dict(gate="erf", gate_tau_pos=0.0), "gate_tau_pos must be finite and > 0"),
+    "non_positive_sapo_temperature": (dict(loss_type="sapo", sapo_temperature_neg=-1.0),
+                                      "sapo_temperature_neg must be finite and > 0"),
+    "unknown_backend": (dict(gate_backend="cuda"), "gate_backend='cuda'"),
+    "unknown_nonfinite_policy": (dict(gate_on_nonfinite="skip"), "gate_on_nonfinite='skip'"),
+    "rate_without_target": (dict(gate="erf", gate_eur_rate=0.5), "gate_eur_rate is set without gate_eur_target"),
+    "target_out_of_range": (dict(gate="erf", gate_eur_target=1.5), "gate_eur_target must lie in"),
+    "crossed_bounds": (dict(gate="erf", gate_eur_target=0.8, gate_tau_min=5.0, gate_tau_max=2.0), "gate_tau_min"),
 }
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_loss_and_gradients_equal_trl_on_the_same_batch(tmp_path, case):
-    overrides, trl_type = case
-    trainer = make_trainer(tmp_path, num_iterations=2, **overrides)
-    inputs = generated_batch(trainer, perturb=0.05)
-    assert inputs["old_per_token_logps"] is not None
-    ours, our_grads = loss_and_grads(trainer._compute_loss, trainer, inputs)
-    view = trl_view(trainer, trl_type)
-    theirs, their_grads = loss_and_grads(lambda m, i: GRPOTrainer._compute_loss(view, m, i), trainer, inputs)
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in their_grads.items():
-        scale = grad.abs().max().item()
-        assert (our_grads[name] - grad).abs().max().item() <= 1e-5 * scale + 1e-9, name
-    mode = "train" if trainer.model.training else "eval"
-    ours_logged, trl_logged = trainer._metrics[mode], view._metrics[mode]
-    assert ours_logged["ratio/max"][-1] != pytest.approx(1.0)
-    assert ours_logged["entropy"][-1] == pytest.approx(trl_logged["entropy"][-1], rel=1e-5)
-    if overrides["gate"] == "clip" and overrides.get("importance_sampling_level", "token") == "token":
-        region = trl_logged["clip_ratio/region_mean"][-1]
-        assert region > 0
-        assert ours_logged["eur"][-1] == pytest.approx(1 - region, abs=1e-6)
+@pytest.mark.parametrize("case", MEANINGLESS.values(), ids=MEANINGLESS.keys())
+def test_meaningless_settings_are_refused_with_the_configuration(case):
+    options, message = case
+    with pytest.raises(ValueError, match=message):
+        config(**options)
 
 
-def test_old_logprob_pass_matches_trl_fused_head(tmp_path):
-    trainer = make_trainer(tmp_path)
-    inputs = generated_batch(trainer)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    keep = inputs["completion_ids"].size(1)
-    with torch.no_grad():
-        ours, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, keep, compute_entropy=True)
-        theirs, their_ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attn, keep,
-                                                                             compute_entropy=True)
-    mask = inputs["completion_mask"].bool()
-    assert torch.allclose(ours[mask], theirs[mask], atol=1e-5)
-    assert torch.allclose(ent[mask], their_ent[mask], atol=1e-5)
+@pytest.mark.parametrize("case", [
+    (dict(gate="erf"), "erf"),  # TRL's default num_iterations=1: every ratio is 1
+    (dict(), "clip"),  # the default objective has no temperature
+], ids=["on_policy_only", "clip"])
+def test_adaptive_temperature_refused_before_any_model_is_loaded(tmp_path, case):
+    options, _ = case
+    args = config(gate_eur_target=0.8, **options)
+    missing_model = str(tmp_path / "no-such-model")  # loading it would raise OSError, not ValueError
+    with pytest.raises(ValueError, match="adaptive gate temperature"):
+        GatedGRPOTrainer(model=missing_model, reward_funcs=fixtures.reward, args=args,
+                         train_dataset=fixtures.prompts_dataset())
+
+
+def test_settings_changed_after_the_configuration_are_checked_before_loading(tmp_path):
+    args = config()
+    args.loss_type = "cispo"
+    args.gate = "softsign"
+    with pytest.raises(ValueError, match="detached weight"):
+        GatedGRPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=fixtures.reward, args=args,
+                         train_dataset=fixtures.prompts_dataset())
+
+
+# -- a gate replaces the ratio function and keeps the aggregation: parity with TRL where TRL has the combination ----
+
+SAME_OBJECTIVE = {
+    "sigmoid_with_grpo_is_sapo": (dict(gate="sigmoid", loss_type="grpo", gate_tau_pos=3.0, gate_tau_neg=4.0),
+                                  dict(loss_type="sapo", sapo_temperature_pos=3.0, sapo_temperature_neg=4.0)),
+    "clip_with_sapo_is_grpo": (dict(gate="clip", loss_type="sapo"), dict(loss_type="grpo")),
+    "cispo_with_dapo_is_cispo": (dict(gate="cispo", loss_type="dapo", epsilon_high=1.05),
+                                 dict(loss_type="cispo", epsilon_high=1.05)),
+}
+
+
+@pytest.mark.parametrize("case", SAME_OBJECTIVE.values(), ids=SAME_OBJECTIVE.keys())
+def test_gate_and_aggregation_equal_trls_objective(case, model_dir, tmp_path):
+    ours_options, trl_options = case
+    theirs = fixtures.train(GRPOTrainer, GRPOConfig, model_dir, tmp_path / "trl", trl_options)
+    ours = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path / "ours", ours_options)
+    mismatches = fixtures.log_mismatches(fixtures.step_logs(theirs), fixtures.step_logs(ours))
+    assert not mismatches, "\n".join(mismatches)
+
+
+# -- training with the paper's gates ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("gate", ["clip", "sigmoid", "erf", "arctan", "softsign"])
-def test_training_steps_update_weights_and_log_gate_metrics(tmp_path, gate):
-    trainer = make_trainer(tmp_path, gate=gate, loss_type="grpo", gate_tau_pos=10.0, gate_tau_neg=12.0,
-                           num_iterations=2, max_steps=2)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
-    assert changed and all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    logs = [entry for entry in trainer.state.log_history if "eur" in entry]
-    assert logs, trainer.state.log_history
-    for key in ("eur", "entropy", "gate/mean", "ratio/mean", "ratio/min", "ratio/max"):
-        assert all(math.isfinite(entry[key]) for entry in logs), key
-    # the second iteration on a batch reuses it after an update: ratios move off 1 and some updates are damped
-    assert any(entry["eur"] < 1.0 for entry in logs)
+def test_training_with_each_gate_logs_on_and_off_policy_eur(gate, model_dir, tmp_path):
+    options = dict(gate=gate, loss_type="grpo", max_steps=4)
+    if gate != "clip":
+        options.update(gate_tau_pos=10.0, gate_tau_neg=12.0)
+    trainer = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path, options)
+    logs = fixtures.step_logs(trainer)
+    assert len(logs) == 4
+    # num_iterations=2: steps 1 and 3 train on a fresh batch, steps 2 and 4 reuse it after an update
+    assert ["eur/on_policy" in e for e in logs] == [True, False, True, False]
+    assert ["eur/off_policy" in e for e in logs] == [False, True, False, True]
+    for entry in logs:
+        for key in ("eur", "entropy", "gate/mean", "ratio/mean", "ratio/min", "ratio/max", "nonfinite_tokens"):
+            assert math.isfinite(entry[key]), key
+    for entry in logs[0::2]:
+        assert entry["eur"] == entry["eur/on_policy"] == 1.0  # ratios exactly 1
+    assert all(entry["eur/off_policy"] < 1.0 for entry in logs[1::2])  # some updates damped
 
 
-UNSUPPORTED = {
-    "sapo_loss_type": (dict(loss_type="sapo"), "gate='sigmoid' with loss_type='grpo'"),
-    "cispo": (dict(loss_type="cispo"), "not a gated objective"),
-    "delta": (dict(delta=1.5), "delta"),
-    "top_entropy_quantile": (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
-    "off_policy_mask": (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    "unknown_gate": (dict(gate="tanh"), "unknown gate 'tanh'"),
-    "bad_tau": (dict(gate_tau_pos=0.0), "gate_tau_pos must be > 0"),
-}
+# -- prompt groups through TRL's shuffle -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", UNSUPPORTED.values(), ids=UNSUPPORTED.keys())
-def test_unsupported_configuration_fails_at_construction(tmp_path, case):
-    overrides, message = case
-    with pytest.raises(ValueError, match=message):
-        make_trainer(tmp_path, **overrides)
+def generation_batches(trainer):
+    """The micro-batches TRL cuts from one generation batch (shuffled, split), as training sees them."""
+    trainer.model.train()
+    rows = next(iter(trainer.get_train_dataloader()))
+    trainer._step, trainer._buffered_inputs = 0, None
+    trainer._prepare_inputs(rows)
+    return trainer._buffered_inputs
 
 
-def test_lora_with_gradient_checkpointing_trains_adapters_only(tmp_path):
+def test_prompt_groups_survive_the_shuffle_and_split(model_dir, tmp_path):
+    args = GatedGRPOConfig(output_dir=str(tmp_path), **{**fixtures.TRAINING, "per_device_train_batch_size": 4,
+                                                        "steps_per_generation": 4})
+    trainer = GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,
+                               train_dataset=fixtures.prompts_dataset(), processing_class=fixtures.tiny_tokenizer(),
+                               rollout_func=fixtures.ReplayRollout(fixtures.MAX_COMPLETION))
+    prompt_of_group: dict[int, tuple] = {}
+    rows_of_group: dict[int, int] = defaultdict(int)
+    mixed = False
+    for batch in generation_batches(trainer):
+        groups = batch[GROUP_KEY].tolist()
+        mixed |= len(set(groups)) > 1 and any(groups.count(g) < 4 for g in groups)
+        for row, group in enumerate(groups):
+            prompt = tuple(batch["prompt_ids"][row][batch["prompt_mask"][row].bool()].tolist())
+            assert prompt_of_group.setdefault(group, prompt) == prompt  # a group is one prompt
+            rows_of_group[group] += 1
+    assert sorted(rows_of_group.values()) == [4] * 4  # 16 rows: 4 prompts x num_generations
+    assert len(set(prompt_of_group.values())) == 4
+    assert mixed, "the shuffle left every micro-batch with whole groups: the case tests nothing"
+
+
+def test_evaluation_groups_by_num_generations_eval(model_dir, tmp_path):
+    args = GatedGRPOConfig(output_dir=str(tmp_path), **{**fixtures.TRAINING, "per_device_eval_batch_size": 8,
+                                                        "num_generations_eval": 2, "eval_strategy": "steps"})
+    trainer = GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,
+                               train_dataset=fixtures.prompts_dataset(), eval_dataset=fixtures.prompts_dataset(4),
+                               processing_class=fixtures.tiny_tokenizer(),
+                               rollout_func=fixtures.ReplayRollout(fixtures.MAX_COMPLETION))
+    trainer.model.eval()
+    rows = next(iter(trainer.get_eval_dataloader()))
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch[GROUP_KEY].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def fake_output(gate_grad: torch.Tensor, mask: torch.Tensor) -> GatedPolicyLossOutput:
+    zeros = torch.zeros_like(gate_grad)
+    return GatedPolicyLossOutput(loss=torch.zeros(()), logprobs=zeros, entropy=zeros, ratio=torch.ones_like(zeros),
+                                 gate_value=zeros, gate_grad=gate_grad * mask, kl=zeros, policy_weight=zeros + 1,
+                                 eur=torch.zeros(()), metrics={})
+
+
+def test_eur_is_the_mean_over_prompt_groups_of_their_token_means():
+    # rows 0 and 2 are one group (3 + 1 tokens), row 1 another (2 tokens), row 3 a group without tokens
+    gate_grad = torch.tensor([[0.2, 0.4, 0.6], [1.0, 0.5, 0.0], [0.8, 0.0, 0.0], [0.3, 0.3, 0.3]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    accelerator = SimpleNamespace(reduce=lambda x, reduction: x, gather=lambda x: x)
+    settings = MetricSettings(resolve_objective(config(gate="erf")), 0.2, 0.2, None, False, 0.0)
+    store = defaultdict(list)
+    parts = LossMetrics(accelerator, settings).record(store, fake_output(gate_grad, mask), mask,
+                                                      torch.tensor([1.0, -1.0, 1.0, 0.5]),
+                                                      group_ids=torch.tensor([0, 1, 0, 2]), off_policy=True)
+    expected = ((0.2 + 0.4 + 0.6 + 0.8) / 4 + (1.0 + 0.5) / 2) / 2
+    assert store["eur"][-1] == pytest.approx(expected)
+    token_mean = (0.2 + 0.4 + 0.6 + 1.0 + 0.5 + 0.8) / 6
+    assert store["eur/off_policy"][-1] == pytest.approx(token_mean)
+    assert parts.tolist() == pytest.approx([token_mean * 6, 6.0])
+
+
+# -- off-policy EUR and the adaptive temperature's interface ----------------------------------------------------------
+
+
+class PopEachStep(TrainerCallback):
+    def __init__(self, trainer_box):
+        self.trainer_box, self.popped = trainer_box, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.popped.append(self.trainer_box[0].pop_off_policy_eur())
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_iterations=2),
+    dict(num_iterations=1, per_device_train_batch_size=4, steps_per_generation=2),  # a batch spans two steps
+], ids=["second_iteration", "generation_spans_steps"])
+def test_off_policy_eur_is_popped_once_per_step(options, model_dir, tmp_path):
+    box: list = []
+    callback = PopEachStep(box)
+
+    class Trainer(GatedGRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            box.append(self)
+
+    trainer = fixtures.train(Trainer, GatedGRPOConfig, model_dir, tmp_path,
+                             dict(gate="erf", gate_tau_pos=10.0, gate_tau_neg=12.0, max_steps=4, **options),
+                             callbacks=[callback])
+    logs = fixtures.step_logs(trainer)
+    assert [p is None for p in callback.popped] == [True, False, True, False]
+    for popped, entry in zip(callback.popped, logs, strict=True):
+        if popped is not None:  # one micro-batch per step: the step's token-weighted EUR
+            assert popped == pytest.approx(entry["eur/off_policy"], rel=1e-6)
+    assert trainer.pop_off_policy_eur() is None  # emptied
+
+
+def batch_loss(trainer, inputs) -> float:
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        return trainer._compute_loss(trainer.model, inputs).item()
+
+
+def test_set_gate_temperatures_applies_to_later_losses(model_dir, tmp_path):
+    def build(tau_pos, tau_neg, path):
+        args = GatedGRPOConfig(output_dir=str(path), **{**fixtures.TRAINING, "gate": "erf", "gate_tau_pos": tau_pos,
+                                                        "gate_tau_neg": tau_neg})
+        return GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,
+                                train_dataset=fixtures.prompts_dataset(), processing_class=fixtures.tiny_tokenizer(),
+                                rollout_func=fixtures.ReplayRollout(fixtures.MAX_COMPLETION))
+
+    trainer, reference = build(1.0, 1.05, tmp_path / "a"), build(6.0, 9.0, tmp_path / "b")
+    inputs = generation_batches(trainer)[0]
+    g = torch.Generator().manual_seed(0)
+    inputs["old_per_token_logps"] = batch_loss_logps(trainer, inputs) + 0.3 * torch.randn(
+        inputs["completion_ids"].shape, generator=g)
+    before = batch_loss(trainer, inputs)
+    trainer.set_gate_temperatures(6.0, 9.0)
+    assert trainer.gate_temperatures == (6.0, 9.0)
+    after = batch_loss(trainer, inputs)
+    assert after == pytest.approx(batch_loss(reference, inputs), rel=1e-6)
+    assert after != pytest.approx(before, rel=1e-3)
+    with pytest.raises(ValueError, match="tau_neg must be finite and > 0"):
+        trainer.set_gate_temperatures(1.0, 0.0)
+
+
+def batch_loss_logps(trainer, inputs) -> torch.Tensor:
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
+                                                                 inputs["completion_ids"].size(1))
+    return logps
+
+
+def test_a_gate_without_temperature_refuses_temperatures(model_dir, tmp_path):
+    args = GatedGRPOConfig(output_dir=str(tmp_path), **fixtures.TRAINING)
+    trainer = GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,
+                               train_dataset=fixtures.prompts_dataset(), processing_class=fixtures.tiny_tokenizer())
+    with pytest.raises(ValueError, match="gate 'clip' has no temperature"):
+        trainer.set_gate_temperatures(2.0, 2.0)
+
+
+def test_adaptive_temperature_callback_drives_the_trainer(model_dir, tmp_path):
+    adaptive = pytest.importorskip("fused_gates.integrations.adaptive_gate",
+                                   reason="the adaptive-temperature controller module")
+    trainer = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path,
+                             dict(gate="erf", gate_tau_pos=2.0, gate_tau_neg=3.0, gate_eur_target=0.5,
+                                  gate_eur_rate=1.0, max_steps=4))
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, adaptive.AdaptiveGateCallback)]
+    assert len(callbacks) == 1 and callbacks[0].trainer is trainer
+    tau_pos, tau_neg = trainer.gate_temperatures
+    assert (tau_pos, tau_neg) != (2.0, 3.0)  # the off-policy steps moved them
+    assert tau_neg / tau_pos == pytest.approx(1.5)
+    assert all("gate/tau_pos" in entry for entry in fixtures.step_logs(trainer))
+
+
+# -- options that reach the loss -------------------------------------------------------------------------------------
+
+
+def spy_on_loss(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    real = gated_trl.gated_policy_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gated_trl, "gated_policy_loss", spy)
+    return calls
+
+
+def test_nonfinite_policy_backend_and_groups_reach_the_loss(model_dir, tmp_path, monkeypatch):
+    calls = spy_on_loss(monkeypatch)
+    trainer = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path,
+                             dict(gate="erf", gate_on_nonfinite="zero", gate_backend="torch", max_steps=1))
+    assert calls and all(c["on_nonfinite"] == "zero" and c["backend"] == "torch" for c in calls)
+    assert all(c["group_ids"].tolist() and len(c["group_ids"]) == 8 for c in calls)
+    assert fixtures.step_logs(trainer)[0]["nonfinite_tokens"] == 0.0
+
+
+def test_entropy_quantile_takes_its_entropies_from_the_same_forward(model_dir, tmp_path, monkeypatch):
+    calls = spy_on_loss(monkeypatch)
+    args = GatedGRPOConfig(output_dir=str(tmp_path), **{**fixtures.TRAINING, "top_entropy_quantile": 0.5})
+    trainer = GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,
+                               train_dataset=fixtures.prompts_dataset(), processing_class=fixtures.tiny_tokenizer(),
+                               rollout_func=fixtures.ReplayRollout(fixtures.MAX_COMPLETION))
+    inputs = generation_batches(trainer)[0]
+    backbone = trainer.model.model
+    forwards = []
+    handle = backbone.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        batch_loss(trainer, inputs)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1  # one backbone forward for the entropies and the loss
+    entropy_mask = calls[-1]["entropy_mask"]
+    valid = inputs["completion_mask"].bool()
+    assert entropy_mask is not None and 0 < entropy_mask[valid].float().mean() < 1
+
+
+# -- LoRA --------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_with_gradient_checkpointing_trains_adapters_only(model_dir, tmp_path):
     peft = pytest.importorskip("peft", reason="PEFT (the 'trl' extra) is needed for the LoRA test")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model_dir = tmp_path / "tiny-model"
-    tiny_model().save_pretrained(model_dir)
-    args = GatedGRPOConfig(output_dir=str(tmp_path / "run"), model_init_kwargs={"dtype": torch.float32},
-                           per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
-                           learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
-                           seed=0, bf16=False, gate="erf", gate_tau_pos=10.0, gate_tau_neg=12.0, num_iterations=2,
-                           beta=0.05, gradient_checkpointing=True)
-    trainer = GatedGRPOTrainer(model=str(model_dir), reward_funcs=think_reward, args=args, train_dataset=dataset(),
-                               processing_class=tiny_tokenizer(), peft_config=lora)
+    args = GatedGRPOConfig(output_dir=str(tmp_path), **{**fixtures.TRAINING, "gate": "erf", "gate_tau_pos": 10.0,
+                                                        "gate_tau_neg": 12.0, "beta": 0.05,
+                                                        "gradient_checkpointing": True, "max_steps": 2})
+    trainer = GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,
+                               train_dataset=fixtures.prompts_dataset(), processing_class=fixtures.tiny_tokenizer(),
+                               rollout_func=fixtures.ReplayRollout(fixtures.MAX_COMPLETION), peft_config=lora)
     lm_head = trainer.model.get_output_embeddings().weight
     assert not lm_head.requires_grad  # frozen head: the fused loss skips dW
     adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -191,5 +383,5 @@ def test_lora_with_gradient_checkpointing_trains_adapters_only(tmp_path):
     params = dict(trainer.model.named_parameters())
     assert any(not torch.equal(params[n].detach(), v) for n, v in adapters.items())
     assert all(torch.equal(params[n].detach(), v) for n, v in frozen.items())
-    logs = [entry for entry in trainer.state.log_history if "eur" in entry]
+    logs = fixtures.step_logs(trainer)
     assert logs and all(math.isfinite(entry["kl"]) for entry in logs)

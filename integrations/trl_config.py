@@ -1,0 +1,183 @@
+"""``GatedGRPOConfig``: TRL 1.16's ``GRPOConfig`` plus the gate, and its translation into the fused loss's terms.
+
+Without ``gate`` the configuration trains exactly TRL's objective for ``loss_type``:
+
+==========================================  ==================  ======================================
+TRL ``loss_type``                           fused-loss ``gate``  aggregation (fused-loss ``loss_type``)
+==========================================  ==================  ======================================
+grpo, bnpo, dr_grpo, dapo (TRL's default),  clip (+ ``delta``)  the same name
+luspo
+sapo                                        sigmoid             grpo
+cispo                                       cispo               dapo
+vespo                                       vespo               dapo
+==========================================  ==================  ======================================
+
+``gate`` replaces the ratio function ``f(r)`` of the objective and keeps the aggregation of ``loss_type``: any gate
+(``clip``, ``sigmoid``, ``erf``, ``arctan``, ``softsign``, ``cispo``, ``vespo`` or one given to
+:func:`fused_gates.register_gate`) with grpo, bnpo, dr_grpo, dapo, luspo or sapo (whose aggregation is grpo). The
+temperatures of a tempered gate are ``gate_tau_pos`` / ``gate_tau_neg``, by default TRL's ``sapo_temperature_pos`` /
+``sapo_temperature_neg``. Refused when the trainer is built, before any model is loaded, because they have no
+meaning: a ``gate`` other than ``loss_type`` itself with ``loss_type`` cispo or vespo (their objective is a detached
+weight times the log-probability, not a ratio function to replace: use ``loss_type="dapo"`` for the same
+aggregation), ``delta`` with a gate other than clip (it caps the clipped objective's unclipped term), gate
+temperatures for a gate without one (clip, cispo, vespo), and the adaptive temperature's settings without
+``gate_eur_target``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .. import get_gate
+
+TRL_OBJECTIVES: dict[str, tuple[str, str]] = {
+    "grpo": ("clip", "grpo"),
+    "bnpo": ("clip", "bnpo"),
+    "dr_grpo": ("clip", "dr_grpo"),
+    "dapo": ("clip", "dapo"),
+    "luspo": ("clip", "luspo"),
+    "sapo": ("sigmoid", "grpo"),
+    "cispo": ("cispo", "dapo"),
+    "vespo": ("vespo", "dapo"),
+}
+"""TRL 1.16 ``loss_type`` -> (gate, aggregation) of :func:`fused_gates.gated_policy_loss`."""
+
+UNTEMPERED_GATES = ("clip", "cispo", "vespo")
+DETACHED_WEIGHT_OBJECTIVES = ("cispo", "vespo")
+GATE_BACKENDS = ("auto", "torch", "triton")
+ON_NONFINITE = ("raise", "zero", "propagate")
+
+
+@dataclass
+class GatedGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the gate (see the module docstring for how ``gate`` combines with ``loss_type``)."""
+
+    gate: str | None = field(
+        default=None,
+        metadata={"help": "Ratio function of the objective: clip, sigmoid (SAPO), erf, arctan, softsign, cispo, vespo "
+                          "or a registered gate. None: TRL's objective of loss_type."},
+    )
+    gate_tau_pos: float | None = field(
+        default=None,
+        metadata={"help": "Gate temperature where the advantage is positive (default: sapo_temperature_pos)."},
+    )
+    gate_tau_neg: float | None = field(
+        default=None,
+        metadata={"help": "Gate temperature where the advantage is <= 0 (default: sapo_temperature_neg)."},
+    )
+    gate_backend: str = field(default="auto", metadata={"help": "fused_gates backend: auto, torch or triton."})
+    gate_memory_budget_mb: float | None = field(
+        default=None, metadata={"help": "Working-buffer budget of the fused loss (MiB); default by device."}
+    )
+    gate_on_nonfinite: str = field(
+        default="raise",
+        metadata={"help": "What a non-finite hidden state at a valid token does: raise, zero (the token is "
+                          "dropped and counted in nonfinite_tokens) or propagate."},
+    )
+    gate_eur_target: float | None = field(
+        default=None,
+        metadata={"help": "Adapt the gate temperatures after each optimiser step so that the off-policy Effective "
+                          "Update Ratio approaches this target. None: fixed temperatures."},
+    )
+    gate_eur_rate: float | None = field(
+        default=None, metadata={"help": "Step size of the adaptive temperature (default: the controller's)."}
+    )
+    gate_tau_min: float | None = field(
+        default=None, metadata={"help": "Lower bound of the adaptive temperature (default: the controller's)."}
+    )
+    gate_tau_max: float | None = field(
+        default=None, metadata={"help": "Upper bound of the adaptive temperature (default: the controller's)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        objective = resolve_objective(self)
+        if objective.tempered:  # the effective temperatures, for whoever reads the configuration
+            self.gate_tau_pos, self.gate_tau_neg = objective.tau_pos, objective.tau_neg
+
+
+@dataclass(frozen=True)
+class GateObjective:
+    """What the fused loss computes for a configuration."""
+
+    gate: str
+    aggregation: str  # the fused loss's loss_type
+    tau_pos: float | None  # None for a gate without temperature
+    tau_neg: float | None
+
+    @property
+    def tempered(self) -> bool:
+        return self.tau_pos is not None
+
+    @property
+    def divided_by_accumulation(self) -> bool:
+        """Whether the trainer divides the loss by the gradient-accumulation steps (TRL: all but the
+        ``num_items_in_batch``-normalised dapo aggregation)."""
+        return self.aggregation != "dapo"
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def resolve_objective(args: GatedGRPOConfig) -> GateObjective:
+    """The fused loss's objective for ``args``; raises ``ValueError`` listing every meaningless setting."""
+    problems: list[str] = []
+    if args.loss_type not in TRL_OBJECTIVES:
+        raise ValueError(f"loss_type={args.loss_type!r} is not a TRL 1.16 loss type; choose one of "
+                         f"{', '.join(TRL_OBJECTIVES)}")
+    default_gate, aggregation = TRL_OBJECTIVES[args.loss_type]
+    gate = default_gate if args.gate is None else args.gate
+    if args.gate is not None:
+        try:
+            get_gate(args.gate)
+        except (ValueError, TypeError) as error:
+            problems.append(f"gate: {error}")
+        if args.loss_type in DETACHED_WEIGHT_OBJECTIVES and args.gate != args.loss_type:
+            problems.append(f"gate={args.gate!r} with loss_type={args.loss_type!r}: that objective is a detached "
+                            "weight times the log-probability, not a ratio function to replace; use "
+                            f"loss_type='dapo' for the same aggregation with gate={args.gate!r}")
+    if args.delta is not None and gate != "clip":
+        problems.append(f"delta caps the unclipped term of the clipped objective; gate={gate!r} has none")
+    tempered = gate not in UNTEMPERED_GATES
+    tau_pos = args.sapo_temperature_pos if args.gate_tau_pos is None else args.gate_tau_pos
+    tau_neg = args.sapo_temperature_neg if args.gate_tau_neg is None else args.gate_tau_neg
+    if tempered:
+        for name, given, value in (("gate_tau_pos", args.gate_tau_pos, tau_pos),
+                                   ("gate_tau_neg", args.gate_tau_neg, tau_neg)):
+            source = name if given is not None else name.replace("gate_tau", "sapo_temperature")
+            if not _positive(value):
+                problems.append(f"{source} must be finite and > 0, got {value!r}")
+    else:
+        for name in ("gate_tau_pos", "gate_tau_neg"):
+            if getattr(args, name) is not None:
+                problems.append(f"{name}: gate {gate!r} has no temperature")
+    if args.gate_backend not in GATE_BACKENDS:
+        problems.append(f"gate_backend={args.gate_backend!r}; choose one of {', '.join(GATE_BACKENDS)}")
+    if args.gate_memory_budget_mb is not None and not _positive(args.gate_memory_budget_mb):
+        problems.append(f"gate_memory_budget_mb must be finite and > 0, got {args.gate_memory_budget_mb!r}")
+    if args.gate_on_nonfinite not in ON_NONFINITE:
+        problems.append(f"gate_on_nonfinite={args.gate_on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}")
+    problems += _adaptive_problems(args)
+    if problems:
+        raise ValueError("GatedGRPOConfig: this configuration has no meaning:\n- " + "\n- ".join(problems))
+    return GateObjective(gate, aggregation, tau_pos if tempered else None, tau_neg if tempered else None)
+
+
+def _adaptive_problems(args: GatedGRPOConfig) -> list[str]:
+    settings = {name: getattr(args, name) for name in ("gate_eur_rate", "gate_tau_min", "gate_tau_max")}
+    if args.gate_eur_target is None:
+        return [f"{name} is set without gate_eur_target" for name, value in settings.items() if value is not None]
+    problems = []
+    target = args.gate_eur_target
+    if not (_positive(target) and target <= 1):
+        problems.append(f"gate_eur_target must lie in (0, 1], got {target!r}")
+    problems += [f"{name} must be finite and > 0, got {value!r}" for name, value in settings.items()
+                 if value is not None and not _positive(value)]
+    if not problems and None not in (args.gate_tau_min, args.gate_tau_max) and args.gate_tau_min >= args.gate_tau_max:
+        problems.append(f"gate_tau_min ({args.gate_tau_min}) must be < gate_tau_max ({args.gate_tau_max})")
+    return problems
+
