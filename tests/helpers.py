@@ -63,3 +63,20 @@ def make_inputs(
 
 def max_abs(a: Tensor, b: Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def run_distributed(nproc: int, target: list[str], *, env: dict[str, str] | None = None, timeout: float = 600):
+    """``torch.distributed.run`` of ``target`` (a script and its arguments, or ``-m module ...``) on ``nproc`` CPU
+    processes (gloo) and a free local port; returns the completed process (output captured)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           *target]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

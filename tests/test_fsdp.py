@@ -12,9 +12,6 @@ has installed its head, and the trainer's own ``_compute_loss`` and reference pa
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,13 +24,8 @@ HERE = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(HERE))
 
 import trl_fixtures as fixtures  # noqa: E402
+from helpers import run_distributed  # noqa: E402
 from trainer_batch import LOGGED, fixed_batch, make_trainer, reference_logps  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +61,8 @@ def single_process(model_dir, tmp_path_factory):
 def two_processes(model_dir, tmp_path_factory):
     """Both FSDP versions, each layout and beta, in one launch of 2 processes."""
     out = tmp_path_factory.mktemp("fsdp") / "fsdp.pt"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(HERE / "fsdp_worker.py"), model_dir, str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = run_distributed(2, [str(HERE / "fsdp_worker.py"), model_dir, str(out)],
+                             env={"TRL_EXPERIMENTAL_SILENCE": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return torch.load(out, weights_only=False)
 

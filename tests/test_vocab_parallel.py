@@ -7,29 +7,18 @@ subset; a DTensor weight sharded on dimension 0; and errors that name the argume
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_distributed
 
 WORKER = Path(__file__).parent / "vocab_parallel" / "worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(slices: list[int], checks: str, worker: Path = WORKER) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(len(slices)), "--master_port",
-           str(_free_port()), str(worker), ",".join(map(str, slices)), checks]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def _launch(slices: list[int], checks: str, worker: Path = WORKER):
+    return run_distributed(len(slices), [str(worker), ",".join(map(str, slices)), checks],
+                           env={"TRITON_INTERPRET": "1"})
 
 
 LAUNCHES = {
@@ -76,12 +65,9 @@ def test_ranks_that_disagree_get_an_error_naming_the_argument(tmp_path, case, me
 
 def test_tensor_parallel_example_runs_and_agrees_with_the_gathered_head(tmp_path):
     """README's torchrun example, at a tiny size, with its benchmark mode writing a row per rank."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     out = tmp_path / "tp.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "fused_gates.integrations.tensor_parallel", "--vocab", "101", "--hidden-size", "16", "--length", "8",
-           "--benchmark", "sharded", "--repeats", "1", "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = run_distributed(2, ["-m", "fused_gates.integrations.tensor_parallel", "--vocab", "101", "--hidden-size",
+                                 "16", "--length", "8", "--benchmark", "sharded", "--repeats", "1", "--out", str(out)])
     assert result.returncode == 0, result.stderr[-4000:]
     # the two ranks print concurrently: their lines may interleave, so read the numbers, not the lines
     differences = [float(x) for x in re.findall(r"(?:loss|hidden grad|weight grad \(this slice\)) (\d\.\d+e[+-]\d+)",

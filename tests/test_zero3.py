@@ -4,8 +4,6 @@ gathered and gives the same gradients as a single process on the whole batch."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,15 +15,10 @@ pytest.importorskip("deepspeed", reason="DeepSpeed (the 'deepspeed' extra) is ne
 HERE = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(HERE))
 
+from helpers import run_distributed  # noqa: E402
 from zero3_model import BATCH, batch_for_rank, loss_options, tiny_causal_lm  # noqa: E402
 
 from fused_gates import gated_policy_loss  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single_process_gradients():
@@ -45,11 +38,8 @@ def single_process_gradients():
 
 def test_zero3_two_processes_match_single_process(tmp_path):
     out = tmp_path / "zero3.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(HERE / "zero3_worker.py"), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = run_distributed(2, [str(HERE / "zero3_worker.py"), str(out)], env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     distributed = torch.load(out)
     expected, expected_loss = single_process_gradients()
