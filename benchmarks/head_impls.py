@@ -6,19 +6,25 @@
 * ``FORWARD[name](case) -> log-probs [B, T]``: the no-grad pass that produces old / reference log-probs.
 
 Implementations: ours (``backend="auto"``: Triton on CUDA, torch on CPU; ``fused_gates_torch`` forces the torch
-backend), the naive materialised-logits version, TRL 1.16's ``ChunkedLogProbFunction`` + TRL's SAPO formula,
-Liger-Kernel's ``LigerFusedLinearGRPOLoss(loss_type="sapo")`` (training only: it has no log-prob-only entry point),
-PyTorch's chunked ``linear_cross_entropy`` (its per-token loss is ``-logp``) + the same formula, and ``floor``: the
-bare matrix products any implementation needs (three for forward + backward, one for the forward).
-``unavailable(name, mode, device)`` names the reason an implementation cannot run here, if any.
+backend; ``fused_gates_budget<M>`` sets ``memory_budget_mb=M``; the no-grad ``fused_gates_dot`` /
+``fused_gates_cublas`` pick the Triton backend's statistics kernel through ``token_logprobs``'
+``statistics_method`` option where the installed version has it), the naive materialised-logits version, TRL 1.16's
+``ChunkedLogProbFunction`` + TRL's SAPO formula (on CUDA over the valid tokens only, as TRL's trainer calls it on
+Triton devices), Liger-Kernel's ``LigerFusedLinearGRPOLoss(loss_type="sapo")`` (training only: it has no
+log-prob-only entry point), PyTorch's chunked ``linear_cross_entropy`` (its per-token loss is ``-logp``) + the same
+formula, and ``floor``: the bare matrix products any implementation needs over the valid (unpadded) tokens (three
+for forward + backward, one for the forward). ``unavailable(name, mode, device)`` names the reason an
+implementation cannot run here, if any.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +35,11 @@ GATES = ("clip", "sigmoid", "erf", "arctan", "softsign")
 # TRL 1.16's trainer passes trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (vocabulary tile width); importing that
 # module pulls in transformers, so the value is repeated here
 TRL_CHUNK_SIZE = 32768
+# The budget curve of the training step (MiB of working buffers); the default budget is the plain fused_gates row.
+BUDGETS_MB = (256, 512, 1024, 2048, 4096)
+# token_logprobs' choice of the Triton no-grad kernel: one tl.dot pass, or cuBLAS chunks + a row-statistics kernel
+STATISTICS_METHOD_PARAMETER = "statistics_method"
+STATISTICS_METHODS = {"fused_gates_dot": "dot", "fused_gates_cublas": "cublas"}
 
 
 @dataclass
@@ -39,15 +50,29 @@ class Case:
     advantages: Tensor  # [B]
     mask: Tensor  # [B, T], the last 1/8 of each row is padding
     old: Tensor  # [B, T] float32
+    _valid_rows: Tensor | None = field(default=None, repr=False)
 
     @property
     def tokens(self) -> int:
         return self.ids.numel()
 
+    @property
+    def valid_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def valid_hidden(self) -> Tensor:
+        """The hidden states of the unpadded tokens [n, H], detached (gathered once, outside any timing)."""
+        if self._valid_rows is None:
+            flat = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
+            self._valid_rows = flat[self.mask.reshape(-1).bool()]
+        return self._valid_rows
+
     def floor_flops(self, mode: str) -> float:
-        # one product h W^T is 2 N H V flops; forward + backward needs three (logits, dh = dz W, dW = dz^T h)
+        # one product h W^T over the n valid tokens is 2 n H V flops; forward + backward needs three (logits,
+        # dh = dz W, dW = dz^T h), the no-grad pass one
         products = 3 if mode == "fwd_bwd" else 1
-        return products * 2.0 * self.tokens * self.hidden.shape[-1] * self.weight.shape[0]
+        return products * 2.0 * self.valid_tokens * self.hidden.shape[-1] * self.weight.shape[0]
 
     def gradient_bytes(self) -> int:
         return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
@@ -146,6 +171,15 @@ def ours_triton(case: Case, gate: str = "sigmoid", memory_budget_mb: float | Non
     return _ours(case, gate, "triton", memory_budget_mb)
 
 
+def ours_at_budget(memory_budget_mb: float) -> Callable[..., Tensor]:
+    """``fused_gates`` (backend auto) with ``memory_budget_mb`` of working buffers: a point of the budget curve."""
+
+    def step(case: Case, gate: str = "sigmoid") -> Tensor:
+        return _ours(case, gate, "auto", memory_budget_mb)
+
+    return step
+
+
 def _train_from_logps(logps: Tensor, case: Case, gate: str) -> Tensor:
     loss = policy_loss(logps, case, gate)
     loss.backward()
@@ -166,7 +200,13 @@ def _trl_logps(case: Case) -> Tensor:
 
     b, t, h = case.hidden.shape
     # arguments: hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
-    # outputs (() = log-probs only, no entropy)
+    # outputs (() = log-probs only, no entropy). TRL 1.16's trainer passes only the valid positions on Triton
+    # devices (CUDA) and scatters the result back; elsewhere every position.
+    if case.hidden.is_cuda:
+        valid = case.mask.bool()
+        logps, *_ = ChunkedLogProbFunction.apply(case.hidden[valid], case.weight, None, case.ids[valid], 1.0,
+                                                 TRL_CHUNK_SIZE, None, 1.0, ())
+        return logps.new_zeros(b, t).masked_scatter(valid, logps)
     logps, *_ = ChunkedLogProbFunction.apply(case.hidden.reshape(b * t, h), case.weight, None, case.ids.reshape(-1),
                                              1.0, TRL_CHUNK_SIZE, None, 1.0, ())
     return logps.view(b, t)
@@ -205,10 +245,10 @@ def liger(case: Case, gate: str = "sigmoid") -> Tensor:
 
 
 def floor(case: Case, gate: str = "sigmoid") -> Tensor:
-    """Three products on all tokens: logits, then with the logits standing in for dz: dh = dz W, dW = dz^T h."""
-    b, t, h = case.hidden.shape
+    """Three products over the valid tokens: logits, then with the logits standing in for dz: dh = dz W and
+    dW = dz^T h, in the input dtype (cuBLAS' own float32 accumulation)."""
     with torch.no_grad():
-        x = case.hidden.reshape(b * t, h)
+        x = case.valid_hidden
         z = x @ case.weight.T
         dh = z @ case.weight
         dw = z.T @ x
@@ -220,11 +260,11 @@ def floor(case: Case, gate: str = "sigmoid") -> Tensor:
 
 
 @torch.no_grad()
-def ours_logprobs(case: Case, backend: str = "auto", memory_budget_mb: float | None = None) -> Tensor:
+def ours_logprobs(case: Case, backend: str = "auto", memory_budget_mb: float | None = None, **options) -> Tensor:
     from fused_gates import token_logprobs
 
     logps, _ = token_logprobs(case.hidden, case.weight, case.ids, case.mask, backend=backend,
-                              memory_budget_mb=memory_budget_mb)
+                              memory_budget_mb=memory_budget_mb, **options)
     return logps
 
 
@@ -236,6 +276,20 @@ def ours_torch_logprobs(case: Case, memory_budget_mb: float | None = None) -> Te
 @torch.no_grad()
 def ours_triton_logprobs(case: Case, memory_budget_mb: float | None = None) -> Tensor:
     return ours_logprobs(case, "triton", memory_budget_mb)
+
+
+def _ours_statistics_method(name: str) -> Callable[[Case], Tensor]:
+    @torch.no_grad()
+    def forward(case: Case) -> Tensor:
+        return ours_logprobs(case, "triton", **{STATISTICS_METHOD_PARAMETER: STATISTICS_METHODS[name]})
+
+    return forward
+
+
+def statistics_method_available() -> bool:
+    from fused_gates import token_logprobs
+
+    return STATISTICS_METHOD_PARAMETER in inspect.signature(token_logprobs).parameters
 
 
 @torch.no_grad()
@@ -255,9 +309,8 @@ def lce_logprobs(case: Case) -> Tensor:
 
 @torch.no_grad()
 def floor_forward(case: Case) -> Tensor:
-    """One product ``h W^T`` on all tokens."""
-    b, t, h = case.hidden.shape
-    z = case.hidden.reshape(b * t, h) @ case.weight.T
+    """One product ``h W^T`` over the valid tokens."""
+    z = case.valid_hidden @ case.weight.T
     return z[0, 0].float() * 0
 
 
@@ -273,16 +326,18 @@ TRAINING: dict[str, Callable[..., Tensor]] = {
     "liger_fused_linear_grpo": liger,
     "torch_linear_cross_entropy": torch_lce,
     "floor": floor,
+    **{f"fused_gates_budget{mb}": ours_at_budget(mb) for mb in BUDGETS_MB},
 }
 FORWARD: dict[str, Callable[..., Tensor]] = {
     "fused_gates": ours_logprobs,
+    **{name: _ours_statistics_method(name) for name in STATISTICS_METHODS},
     "fused_gates_torch": ours_torch_logprobs,
     "naive_torch": naive_logprobs,
     "trl_chunked_logprob": trl_logprobs,
     "torch_linear_cross_entropy": lce_logprobs,
     "floor": floor_forward,
 }
-IMPLEMENTATIONS = tuple(TRAINING)  # every name, in table order
+IMPLEMENTATIONS = tuple(dict.fromkeys([*TRAINING, *FORWARD]))  # every name, in table order
 REQUIRED_MODULE = {"trl_chunked_logprob": "trl", "liger_fused_linear_grpo": "liger_kernel"}
 
 
@@ -292,10 +347,21 @@ def step(name: str, mode: str) -> Callable[..., Tensor]:
 
 def unavailable(name: str, mode: str, device: str) -> str | None:
     """Why ``name`` cannot run in ``mode`` on ``device`` (None if it can)."""
-    if mode == "forward" and name not in FORWARD:
-        return f"{name} has no forward-only log-prob entry point (it computes the loss only)"
+    registry = TRAINING if mode == "fwd_bwd" else FORWARD
+    if name not in registry:
+        if name == "liger_fused_linear_grpo":
+            return f"{name} has no forward-only log-prob entry point (it computes the loss only)"
+        return f"{name} is a {'no-grad' if mode == 'fwd_bwd' else 'training'} row only"
     if name == "fused_gates_torch" and device == "cpu":
         return "fused_gates_torch: backend='auto' already is the torch backend on CPU (the fused_gates row)"
+    if name in STATISTICS_METHODS:
+        if device != "cuda" and not _interpreted():
+            return f"{name}: the Triton statistics kernels need CUDA (or TRITON_INTERPRET=1)"
+        if not statistics_method_available():
+            import fused_gates
+
+            return (f"{name}: token_logprobs of fused_gates {fused_gates.__version__} has no "
+                    f"{STATISTICS_METHOD_PARAMETER!r} option, so the no-grad kernel cannot be chosen")
     module = REQUIRED_MODULE.get(name)
     if module is not None and importlib.util.find_spec(module) is None:
         return f"{name} needs the '{module}' package (pip install -e '.[bench]')"
@@ -306,13 +372,18 @@ def unavailable(name: str, mode: str, device: str) -> str | None:
     return None
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def warm_up(name: str, mode: str, case: Case, gate: str = "sigmoid") -> None:
     """One step on the first 8 tokens of ``case`` (same weight): imports, lazy initialisation and the first-use
     costs that some implementations pay per head shape (up to seconds) happen here, not in a timed round or a
     memory measurement."""
     t = min(8, case.hidden.shape[1])
     small = Case(case.hidden[:1, :t].detach().clone().requires_grad_(True), case.weight, case.ids[:1, :t],
-                 case.advantages[:1], case.mask[:1, :t], case.old[:1, :t])
+                 case.advantages[:1], case.mask[:1, :t].clone(), case.old[:1, :t])
+    small.mask[:, 0] = 1  # at least one valid token
     if mode == "fwd_bwd":
         step(name, mode)(small, gate)
     else:

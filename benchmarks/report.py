@@ -1,12 +1,16 @@
-"""Markdown tables and a plot from a pytest-benchmark JSON of ``benchmarks/test_head.py``.
+"""Markdown tables and a plot from a pytest-benchmark JSON of ``benchmarks/test_head.py`` (and
+``test_grpo_step.py``), or from the rows file that ``FUSED_GATES_BENCH_ROWS`` writes as the benchmarks run.
 
     python benchmarks/report.py RESULT.json          # writes RESULT.md and RESULT.png beside it, prints the tables
+    python benchmarks/report.py DIR/rows.jsonl       # writes DIR/rows.md (conftest.py does so after every row)
 
 Per mode (forward + backward, forward only) and shape: the median time, TFLOP/s of the floor's flops, the ratio to
 the floor (three GEMMs / one GEMM) and to the naive / TRL / Liger / torch ``linear_cross_entropy`` baselines of
 the same run, the peak memory beyond inputs and gradient buffers and its ratio to naive's; then the gate sweep.
-The plot shows time and peak memory against N, one line per implementation (and head). The header names the
-device, the versions and the date of the run.
+The training step's memory-budget curve (time and memory against ``memory_budget_mb``) and the end-to-end GRPO
+step (fused_gates' trainer against TRL's) get tables of their own; rows that were skipped or failed are listed
+with their reasons. The plot shows time and peak memory against N, one line per implementation (and head). The
+header names the device, the versions and the date of the run.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ("fused_gates", "fused_gates_torch", "naive_torch", "trl_chunked_logprob", "liger_fused_linear_grpo",
-         "torch_linear_cross_entropy", "floor")
+ORDER = ("fused_gates", "fused_gates_dot", "fused_gates_cublas", "fused_gates_torch", "naive_torch",
+         "trl_chunked_logprob", "liger_fused_linear_grpo", "torch_linear_cross_entropy", "floor")
 BASELINES = {"floor": "x floor", "naive_torch": "x naive", "trl_chunked_logprob": "x TRL",
              "liger_fused_linear_grpo": "x Liger", "torch_linear_cross_entropy": "x torch LCE"}
 MODE_TITLES = {"fwd_bwd": "Forward + backward (training step)", "forward": "Forward only (no-grad log-probs)"}
+E2E_MODE = "grpo_step"
 FLOOR_TEXT = {"fwd_bwd": "three GEMMs, 3 x 2 N H V flops", "forward": "one GEMM, 2 N H V flops"}
 # names of the first CPU results, before the floor covered both modes
 LEGACY_NAMES = {"floor_3_gemms": "floor"}
@@ -49,12 +54,17 @@ def _mib(value: float | None) -> str:
     return "—" if value is None else f"{value / 2**20:,.0f}" if abs(value) >= 2**20 else f"{value / 2**20:.2f}"
 
 
-def _sort_key(name: str) -> tuple[int, str]:
-    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+def _sort_key(name: str) -> tuple[int, int, str]:
+    # the budget curve's rows right after the default-budget row, by budget
+    budget = name.removeprefix("fused_gates_budget")
+    if budget != name and budget.isdigit():
+        return (ORDER.index("fused_gates"), int(budget), name)
+    return (ORDER.index(name) if name in ORDER else len(ORDER), 0, name)
 
 
 def _header(data: dict, rows: list[dict]) -> list[str]:
-    first = rows[0] if rows else {}
+    # the LM-head rows name the device and threads; an end-to-end row only when there is nothing else
+    first = next((r for r in rows if r["mode"] != E2E_MODE), rows[0]) if rows else {}
     versions = first.get("versions") or {"torch": first.get("torch")}
     machine = data.get("machine_info", {})
     device = first.get("device_name") or machine.get("cpu", {}).get("brand_raw") or machine.get("processor", "?")
@@ -86,7 +96,7 @@ def _checks(rows: list[dict]) -> str:
 def render(data: dict) -> str:
     rows = load(data)
     lines = _header(data, rows)
-    main = [r for r in rows if not r.get("sweep")]
+    main = [r for r in rows if not r.get("sweep") and r["mode"] != E2E_MODE]
     for mode in ("fwd_bwd", "forward"):
         groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
         for r in main:
@@ -115,6 +125,8 @@ def render(data: dict) -> str:
                 lines.append(f"| {name} | {_time(r['median'])} | {'—' if tflops is None else f'{tflops:.2f}'} | "
                              f"{' | '.join(ratios)} | {_mib(mem)} | {mem_ratio} |")
             lines.append("")
+    lines += _budget_curve(main)
+    lines += _end_to_end([r for r in rows if r["mode"] == E2E_MODE])
     sweep = [r for r in rows if r.get("sweep")]
     if sweep:
         model, tokens = sweep[0]["model"], sweep[0].get("tokens", 0)
@@ -132,13 +144,73 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _budget_curve(rows: list[dict]) -> list[str]:
+    """Training step against the memory budget, beside the default budget and the floor of the same shape."""
+    curve = [r for r in rows if r.get("budget_mb") is not None and r["mode"] == "fwd_bwd"]
+    if not curve:
+        return []
+    model, tokens = curve[0]["model"], curve[0].get("tokens")
+    same = [r for r in rows if r["mode"] == "fwd_bwd" and r["model"] == model and r.get("tokens") == tokens]
+    floor = next((r for r in same if r["implementation"] == "floor"), None)
+    default = next((r for r in same if r["implementation"] == "fused_gates"), None)
+    lines = [f"## Training step against the working-memory budget: {model}, N = {tokens:,}", "",
+             "| memory_budget_mb | time | x floor | extra memory (MiB) |", "|---|---|---|---|"]
+    points = sorted(curve, key=lambda r: r["budget_mb"]) + ([dict(default, budget_mb="default")] if default else [])
+    for r in points:
+        vs_floor = f"{r['median'] / floor['median']:.2f}" if floor else "—"
+        lines.append(f"| {r['budget_mb']} | {_time(r['median'])} | {vs_floor} | {_mib(r.get('peak_extra_bytes'))} |")
+    return [*lines, ""]
+
+
+def _end_to_end(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    first = rows[0]
+    lines = [f"## End-to-end GRPO step: {first.get('model', '?')} ({first.get('dtype', '?')}), fixed batch of "
+             f"{first.get('batch', '?')} x {first.get('length', '?')} completions, generation excluded", "",
+             "| trainer | time per step | x TRL | peak GPU memory (MiB) | x TRL memory |", "|---|---|---|---|---|"]
+    trl = next((r for r in rows if r["implementation"] == "trl_grpo_trainer"), None)
+    for r in rows:
+        ratio = f"{r['median'] / trl['median']:.2f}" if trl else "—"
+        peak, trl_peak = r.get("peak_bytes"), (trl or {}).get("peak_bytes")
+        mem_ratio = f"{peak / trl_peak:.2f}" if peak is not None and trl_peak else "—"
+        lines.append(f"| {r['implementation']} | {_time(r['median'])} | {ratio} | {_mib(peak)} | {mem_ratio} |")
+    return [*lines, ""]
+
+
+def rows_to_data(rows: list[dict]) -> dict:
+    """The measured rows of a rows file, in the shape of a pytest-benchmark JSON."""
+    measured = [r for r in rows if r.get("median") is not None]
+    date = next((r["date"] for r in measured if r.get("date")), "?")
+    return {"datetime": date, "benchmarks": [{"extra_info": r, "stats": {"median": r["median"], "rounds": r["rounds"]}}
+                                             for r in measured]}
+
+
+def render_rows(rows: list[dict]) -> str:
+    data = rows_to_data(rows)
+    text = render(data) if data["benchmarks"] else "# LM-head benchmark: no row measured yet\n"
+    unmeasured = [r for r in rows if r.get("median") is None]
+    if unmeasured:
+        text += "\n## Not measured\n\n" + "\n".join(
+            f"- {r['test'].split('::')[-1]}: {r['outcome']}: {r.get('reason', '')}" for r in unmeasured) + "\n"
+    return text
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_rows_markdown(rows_file: Path, markdown: Path) -> None:
+    markdown.write_text(render_rows(read_rows(rows_file)))
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in load(data) if not r.get("sweep")]
+    rows = [r for r in load(data) if not r.get("sweep") and r.get("budget_mb") is None and r["mode"] != E2E_MODE]
     modes = [m for m in ("fwd_bwd", "forward") if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(len(modes), 2, figsize=(12, 4.2 * len(modes)), squeeze=False)
     names = sorted({r["implementation"] for r in rows}, key=_sort_key)
@@ -173,8 +245,12 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("result", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("result", type=Path, help="pytest-benchmark JSON (--benchmark-json), or a rows.jsonl")
     args = parser.parse_args()
+    if args.result.suffix == ".jsonl":
+        write_rows_markdown(args.result, args.result.with_suffix(".md"))
+        print(args.result.with_suffix(".md").read_text())
+        return
     data = json.loads(args.result.read_text())
     table = render(data)
     args.result.with_suffix(".md").write_text(table)

@@ -11,7 +11,11 @@ supported (``backend="auto"`` then takes the torch backend; an explicit ``backen
 
 from __future__ import annotations
 
+import os
+
+import numpy
 import torch
+import triton
 from torch import Tensor
 
 from ..backend import GradientNeeds, Gradients, HeadSpec, LossForward, SavedStatistics, saved_statistics
@@ -24,7 +28,24 @@ from .logprob_stats import token_statistics
 NAME = "triton"
 
 
+def _interpreter_bug() -> str | None:
+    """Triton before 3.8 converts 1-element arrays with ``int()`` in its interpreter (``tl.tensor.__index__``), which
+    NumPy 2.4 refuses: every ``range(0, V, BLOCK)`` over a runtime ``V`` then fails. Compiled kernels are unaffected."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    triton_version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if triton_version < (3, 8) and numpy_version >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__} "
+                "(it converts 1-element arrays with int(), refused since NumPy 2.4): install numpy<2.4 or "
+                "triton>=3.8")
+    return None
+
+
 def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
+    bug = _interpreter_bug()
+    if bug is not None:
+        return bug
     if head.weight.dtype == torch.float64:
         return "the kernels compute in float32; float64 inputs need backend='torch' (or 'auto')"
     if config is not None and not config.gate.runs_in_kernels:

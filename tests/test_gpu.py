@@ -8,6 +8,7 @@ truth (bfloat16 logits, as a model's lm_head produces them, then float32 softmax
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -123,13 +124,14 @@ def naive_bf16(b: Batch) -> dict[str, Tensor]:
     return {"loss": loss.detach(), "logprobs": logp.detach(), "hidden": hidden.grad, "weight": weight.grad}
 
 
-def fused(b: Batch, backend: str) -> dict[str, Tensor]:
+def fused(b: Batch, backend: str, memory_budget_mb: float | None = None) -> dict[str, Tensor]:
     from fused_gates import gated_policy_loss
 
     hidden = b.hidden.clone().requires_grad_()
     weight = b.weight.clone().requires_grad_()
     out = gated_policy_loss(
-        hidden, weight, b.ids, b.advantages, b.mask, b.old, b.ref, temperature=TEMPERATURE, backend=backend, **OPTIONS
+        hidden, weight, b.ids, b.advantages, b.mask, b.old, b.ref, temperature=TEMPERATURE, backend=backend,
+        memory_budget_mb=memory_budget_mb, **OPTIONS
     )
     out.loss.backward()
     return {"loss": out.loss.detach(), "logprobs": out.logprobs, "hidden": hidden.grad, "weight": weight.grad}
@@ -150,14 +152,19 @@ HEADS = {
 }
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_bf16_loss_logprobs_and_grads_against_float64_truth(head):
+# the default working-memory budget at both heads, and the benchmark's low-memory setting (many chunks) at the 7B head
+LOSS_CASES = [("qwen2.5-7b-head", None), ("qwen2.5-0.5b-head", None), ("qwen2.5-7b-head", 256)]
+
+
+@pytest.mark.parametrize(("head", "memory_budget_mb"), LOSS_CASES,
+                         ids=[f"{h}-budget-{b or 'default'}" for h, b in LOSS_CASES])
+def test_bf16_loss_logprobs_and_grads_against_float64_truth(head, memory_budget_mb):
     torch.manual_seed(0)
     b = make_batch(*HEADS[head])
     reference = truth(b)
     naive = naive_bf16(b)
     torch.cuda.empty_cache()
-    ours = fused(b, "triton")
+    ours = fused(b, "triton", memory_budget_mb)
     for key in ("loss", "logprobs", "hidden", "weight"):
         err_ours = error(ours, reference, b.mask, key)
         err_naive = error(naive, reference, b.mask, key)
@@ -178,13 +185,25 @@ def test_bf16_triton_matches_torch_backend(head):
         assert (ours[key].float() - theirs[key].float()).abs().max().item() <= 0.02 * scale, key
 
 
-@pytest.mark.parametrize("tokens", [64, 4096], ids=["vocab-split", "token-blocks"])
-def test_bf16_token_logprobs_against_float64_truth(tokens):
-    """The tl.dot statistics kernel; 64 tokens make too few token blocks, so the vocabulary is split."""
+STATISTICS_METHOD_PARAMETER = "statistics_method"  # token_logprobs' choice of the Triton no-grad kernel
+LOGPROB_CASES = [(tokens, method) for method in (None, "dot", "cublas") for tokens in (64, 4096)]
+LOGPROB_IDS = [f"{'vocab-split' if t == 64 else 'token-blocks'}-{m or 'default'}" for t, m in LOGPROB_CASES]
+
+
+@pytest.mark.parametrize(("tokens", "method"), LOGPROB_CASES, ids=LOGPROB_IDS)
+def test_bf16_token_logprobs_against_float64_truth(tokens, method):
+    """The no-grad statistics (each kernel ``statistics_method`` can choose); 64 tokens make too few token blocks for
+    the tl.dot kernel, so the vocabulary is split."""
     from fused_gates import token_logprobs
 
+    options = {}
+    if method is not None:
+        if STATISTICS_METHOD_PARAMETER not in inspect.signature(token_logprobs).parameters:
+            pytest.skip(f"token_logprobs has no {STATISTICS_METHOD_PARAMETER!r} option: the {method} kernel cannot be "
+                        "chosen (the default row covers the one it runs)")
+        options[STATISTICS_METHOD_PARAMETER] = method
     b = make_batch(1, tokens, 3584, 152064, seed=2)
-    logp, entropy = token_logprobs(b.hidden, b.weight, b.ids, temperature=TEMPERATURE, backend="triton")
+    logp, entropy = token_logprobs(b.hidden, b.weight, b.ids, temperature=TEMPERATURE, backend="triton", **options)
     true_logp, true_entropy = truth_statistics(b.hidden[0], b.weight, b.ids[0])
     with torch.no_grad():
         naive = torch.log_softmax((b.hidden[0] @ b.weight.T).float() / TEMPERATURE, -1)
@@ -202,9 +221,9 @@ FLOAT32_CASES += [("sigmoid", "sequence"), ("clip", "sequence")]
 def test_float32_every_gate_against_reference(gate, level):
     """Compiled (not interpreted) kernels in float32 against the naive float64 reference at a moderate odd size."""
     from helpers import make_inputs
-    from fused_gates.reference import reference_loss
 
     from fused_gates import gated_policy_loss
+    from fused_gates.reference import reference_loss
 
     inputs = make_inputs(batch=6, length=33, hidden_size=200, vocab=5003, seed=7)
     options = dict(
