@@ -20,7 +20,9 @@
 #     floor, TRL and Liger, the memory-budget curve, the no-grad pass with each kernel), the end-to-end GRPO step
 #     (1.5B model, fused_gates' trainer against TRL's), the other implementations at the goal shape, the 0.5B head,
 #     the gate sweep.
-#  5. goals -> OUT/goals.txt, one line per goal of the issue (MET / NOT MET / NOT MEASURED with the numbers).
+#     With two GPUs or more, the vocabulary-parallel head against gathering the whole head, per rank ->
+#     OUT/tensor_parallel.jsonl (fused_gates.integrations.tensor_parallel).
+#  5. goals -> OUT/goals.txt, one line per goal (MET / NOT MET / NOT MEASURED with the numbers).
 # The dry run installs and imports the same way (into a scratch folder), lists the planned rows, collects the GPU
 # tests, runs the goal rows and the end-to-end step at a tiny scale on the CPU (ours by the torch backend) and evaluates
 # the goals on those rows; it exits 0 when all of that works. Exit status: 0 when every step passed (an unmet goal
@@ -166,6 +168,19 @@ else
         fi
         echo "[$SECONDS s] benchmarks: $row_set done"
     done
+    # -- 4b. with two GPUs or more: the vocabulary-parallel head against gathering the whole head on every rank -------
+    gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if ((gpus >= 2)); then
+        for mode in sharded gathered; do  # one launch per mode, so that each peak is its own; run outside the checkout
+            (cd "$out" && bounded "$(budget 60)" "$out/bench.log" "$python" -m torch.distributed.run \
+                --nproc-per-node "$gpus" -m fused_gates.integrations.tensor_parallel --hidden-size 3584 \
+                --vocab 152064 --batch 8 --length 1024 --benchmark "$mode" --out "$out/tensor_parallel.jsonl") \
+                || fail "the tensor-parallel $mode rows (bench.log)"
+        done
+        echo "[$SECONDS s] tensor-parallel rows done ($gpus GPUs)"
+    else
+        echo "tensor-parallel rows: not measured ($gpus GPU visible; they need two or more)"
+    fi
 fi
 grep -E "(passed|failed|error|skipped|deselected).* in [0-9.]+s" "$out/bench.log" | sed 's/^/benchmarks: /'
 
