@@ -10,13 +10,46 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from .api import gated_policy_loss, token_logprobs
 from .backend import CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
 from .gates import available_gates
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument types: a bad value is an argparse error naming the flag (exit code 2), never a wrong figure or a torch error
+
+
+def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_positive_int = _number(int, lambda value: value > 0, "an integer > 0")
+_positive_float = _number(float, lambda value: value > 0, "finite and > 0")
+_non_negative_float = _number(float, lambda value: value >= 0, "finite and >= 0")
+_epsilon = _number(float, lambda value: 0 < value < 1, "in (0, 1): the clip range [1 - eps, 1 + eps] around r = 1")
+_r_max = _number(float, lambda value: value > 1, "finite and > 1: the figure spans ratios (0, r-max] around r = 1")
+_group_size = _number(int, lambda value: value >= 2, "an integer >= 2 (advantages need a group's spread)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Commands
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -71,7 +104,6 @@ def _demo(args: argparse.Namespace) -> int:
 def _plot_gates(args: argparse.Namespace) -> int:
     from .plots import gate_curves, render_gates
 
-    _import_gate_modules(args.gate_module)
     curves = gate_curves(args.gates, args.taus, epsilon=args.epsilon, r_max=args.r_max)
     print(f"wrote {render_gates(curves, args.out)} ({', '.join(curves)}; tau in {', '.join(map(str, args.taus))})")
     return 0
@@ -84,6 +116,12 @@ def _plot_runs(args: argparse.Namespace) -> int:
     path = render_runs(run_curves(runs, args.smooth), args.out, window=args.smooth)
     print(f"wrote {path} ({len(runs)} runs: {'; '.join(run.label for run in runs)})")
     return 0
+
+
+def _check_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.benchmark == "synthetic" and args.dataset_file is None:
+        parser.error("argument --dataset-file: required with --benchmark synthetic (the training run writes "
+                     "synthetic-eval.jsonl in its output folder)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -102,13 +140,14 @@ def _import_gate_modules(modules: list[str] | None) -> None:
 def _add_plot_gates(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("plot-gates", help="Figure 1: every gate and its derivative for several temperatures",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--taus", type=float, nargs="+", default=[1.0, 5.0, 10.0])
+    parser.add_argument("--taus", type=_positive_float, nargs="+", default=[1.0, 5.0, 10.0],
+                        help="temperatures of the soft gates, each > 0")
     parser.add_argument("--gates", nargs="+", help="default: every registered gate (clip included)")
     parser.add_argument("--gate-module", action="append", help="module to import first (it may register gates)")
-    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the clip gate")
-    parser.add_argument("--r-max", type=float, default=3.0, help="ratios on (0, r-max]")
+    parser.add_argument("--epsilon", type=_epsilon, default=0.2, help="clip range of the clip gate, in (0, 1)")
+    parser.add_argument("--r-max", type=_r_max, default=3.0, help="ratios on (0, r-max], r-max > 1")
     parser.add_argument("--out", default="gates.png")
-    parser.set_defaults(handler=_plot_gates)
+    parser.set_defaults(handler=_plot_gates, check=_check_plot_gates)
 
 
 def _add_plot_runs(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +155,8 @@ def _add_plot_runs(sub: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="output folders with metrics.csv or trainer_state.json")
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window, in logged values (1: none)")
+    parser.add_argument("--smooth", type=_positive_int, default=1,
+                        help="moving-average window, in logged values (1: none)")
     parser.add_argument("--out", default="runs.png")
     parser.set_defaults(handler=_plot_runs)
 
@@ -126,46 +166,79 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="model id or folder (the tiny local model's folder works)")
     parser.add_argument("--benchmark", required=True, choices=["gsm8k", "math500", "aime", "synthetic"],
-                        help="synthetic: the offline training task (every problem once)")
+                        help="synthetic: the offline training task (with --dataset-file)")
     parser.add_argument("--dataset-file", help="local JSONL with the Hub dataset's columns instead of the Hub")
     parser.add_argument("--hub-dataset", help="a Hub dataset with the same columns, e.g. HuggingFaceH4/aime_2024")
     parser.add_argument("--split", help="dataset split (default: the benchmark's)")
-    parser.add_argument("--limit", type=int, help="first N problems only")
-    parser.add_argument("--num-samples", type=int, default=1, help="completions per problem")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
-    parser.add_argument("--max-new-tokens", type=int, help="default: 512 (synthetic: 16)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
+    parser.add_argument("--limit", type=_positive_int, help="first N problems only")
+    parser.add_argument("--num-samples", type=_positive_int, default=1, help="completions per problem")
+    parser.add_argument("--temperature", type=_non_negative_float, default=0.7,
+                        help="sampling temperature (paper: 0.7; 0: greedy)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, help="default: 512 (synthetic: 16)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (transformers)")
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                         help="auto: vLLM when installed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", help="the model's row name in the table (default: --model)")
     parser.add_argument("--out", default="eval")
-    parser.set_defaults(handler=_evaluate)
+    parser.set_defaults(handler=_evaluate, check=_check_evaluate)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("demo", help="loss, EUR and gradients for a realistic lm_head on random inputs "
+                            "(also what runs without a subcommand)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batch", type=_positive_int, default=8, help="completions (a multiple of --group-size)")
+    parser.add_argument("--length", type=_positive_int, default=128, help="tokens per completion")
+    parser.add_argument("--group-size", type=_group_size, default=4, help="completions per prompt, >= 2")
+    parser.add_argument("--hidden-size", type=_positive_int, default=896)
+    parser.add_argument("--vocab", type=_positive_int, default=151_936)
+    parser.add_argument("--gate", default="erf", choices=available_gates())
+    parser.add_argument("--tau-pos", type=_positive_float, default=10.0)
+    parser.add_argument("--tau-neg", type=_positive_float, default=12.0)
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_demo, check=_check_demo)
+
+
+def _check_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batch % args.group_size:
+        parser.error(f"argument --group-size: must divide --batch ({args.batch}), got {args.group_size}")
+
+
+def _check_plot_gates(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        _import_gate_modules(args.gate_module)
+    except ImportError as error:
+        parser.error(f"argument --gate-module: {error}")
+    unknown = sorted(set(args.gates or []) - set(available_gates()))
+    if unknown:
+        parser.error(f"argument --gates: unknown gate(s) {', '.join(unknown)}; registered: "
+                     f"{', '.join(sorted(available_gates()))}")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``fused-gates`` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="fused-gates", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="loss, EUR and gradients for a realistic lm_head on random inputs")
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--length", type=int, default=128)
-    demo.add_argument("--group-size", type=int, default=4)
-    demo.add_argument("--hidden-size", type=int, default=896)
-    demo.add_argument("--vocab", type=int, default=151_936)
-    demo.add_argument("--gate", default="erf", choices=available_gates())
-    demo.add_argument("--tau-pos", type=float, default=10.0)
-    demo.add_argument("--tau-neg", type=float, default=12.0)
-    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    demo.add_argument("--seed", type=int, default=0)
+    _add_demo(sub)
     _add_plot_gates(sub)
     _add_plot_runs(sub)
     _add_evaluate(sub)
+    return parser, dict(sub.choices)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
+    # No subcommand runs the demo, with whatever demo options were given ("fused-gates --vocab 64").
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+        argv = ["demo", *argv]
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        if args.command is None:
-            args = parser.parse_args(["demo", *(argv or [])])
-        return _demo(args)
+    check = getattr(args, "check", None)
+    if check is not None:  # combinations of arguments, after each one was parsed on its own
+        check(commands[args.command], args)
     return args.handler(args)
 
 

@@ -132,6 +132,7 @@ def render_gates(curves: dict[str, list[GateCurve]], path: str | Path, *, dpi: i
 
 # (panel title, logged key) of the run figure
 RUN_METRICS: tuple[tuple[str, str], ...] = (("reward", "reward"), ("entropy", "entropy"), ("EUR", "eur"))
+TAU_METRIC = ("gate tau_pos (adaptive)", "gate/tau_pos")  # drawn when a run logged it
 RUN_CONFIG_FILES = ("run_config.json",)
 
 
@@ -274,8 +275,13 @@ def metric_series(rows: Iterable[dict[str, float]], key: str) -> tuple[list[floa
 
 
 def run_curves(runs: Sequence[RunLog], window: int = 1,
-               metrics: Sequence[tuple[str, str]] = RUN_METRICS) -> dict[str, list[Curve]]:
-    """For each metric title, one smoothed curve per run (moving average over ``window`` logged values)."""
+               metrics: Sequence[tuple[str, str]] | None = None) -> dict[str, list[Curve]]:
+    """For each metric title, one smoothed curve per run (moving average over ``window`` logged values).
+
+    ``metrics`` defaults to :data:`RUN_METRICS`, plus the adaptive temperature when any run logged it."""
+    if metrics is None:
+        adaptive = any(TAU_METRIC[1] in row for run in runs for row in run.rows)
+        metrics = (*RUN_METRICS, TAU_METRIC) if adaptive else RUN_METRICS
     labels = _unique_labels(runs)
     curves: dict[str, list[Curve]] = {}
     for title, key in metrics:

@@ -6,8 +6,10 @@ Every dataset has two columns: ``prompt`` (a conversation with :data:`SYSTEM_PRO
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, interleave_datasets, load_dataset
@@ -20,6 +22,8 @@ __all__ = [
     "load_paper_mixture",
     "make_prompt",
     "synthetic_arithmetic",
+    "synthetic_problems",
+    "write_synthetic_jsonl",
 ]
 
 SYSTEM_PROMPT = (
@@ -128,3 +132,26 @@ def synthetic_arithmetic(
         prompts.append(make_prompt(question, conversational=conversational))
         answers.append(str(value))
     return Dataset.from_dict({"prompt": prompts, "answer": answers})
+
+
+def synthetic_problems(max_operand: int = 9) -> list[tuple[str, str]]:
+    """Every distinct problem of :func:`synthetic_arithmetic`: ``(expression, answer)`` for all additions ``a+b`` and
+    all subtractions ``a-b`` with ``a >= b``, operands in ``[0, max_operand]`` (155 problems for single digits)."""
+    additions = [(f"{a}+{b}", str(a + b)) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    subtractions = [(f"{a}-{b}", str(a - b)) for a in range(max_operand + 1) for b in range(a + 1)]
+    return additions + subtractions
+
+
+def write_synthetic_jsonl(path: str | Path, max_operand: int = 9) -> Path:
+    """The synthetic task as an evaluation file: one ``{"question": "3+4=", "answer": "7"}`` line per distinct
+    problem (the prompts the training script uses, so ``fused-gates evaluate --dataset-file`` asks them verbatim).
+
+    These are the very problems the training prompts are drawn from: the file measures how well a policy does the
+    task it was trained on, not generalisation to unseen problems.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for expression, answer in synthetic_problems(max_operand):
+            handle.write(json.dumps({"question": f"{expression}=", "answer": answer}) + "\n")
+    return path

@@ -1,4 +1,5 @@
-"""Benchmark accuracy of a trained policy (paper section 5.1, Table 1): GSM8K (test), MATH500 and AIME.
+"""Benchmark accuracy of a trained policy (paper section 5.1, Table 1): GSM8K (test), MATH500 and AIME, and the
+offline training task (``synthetic``, from the ``synthetic-eval.jsonl`` a training run writes).
 
 Each problem is asked as in training (the system prompt with the ``<think>``/``<answer>`` template for models with a
 chat template, the bare question otherwise), ``--num-samples`` completions are sampled at temperature 0.7, and the
@@ -10,7 +11,9 @@ Generation uses vLLM when it is installed (and ``--backend auto``), transformers
 
 Outputs in ``--out``: ``<benchmark>.jsonl`` (one line per problem: problem, reference, completions, extracted
 answers, correct flags), ``summary.json`` (accuracy per model and benchmark, merged across invocations) and
-``summary.md`` (the layout of Table 1: one row per model, one column per benchmark, accuracy in %).
+``summary.md`` (the layout of Table 1: one row per model, one column per benchmark, accuracy in %; the synthetic
+task adds its own column). ``--max-new-tokens`` defaults to 512 (the paper's completion length) and to 16 for the
+synthetic task.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Benchmark:
     split: str
     question: str
     answer: str
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the default generation length
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -58,7 +62,11 @@ BENCHMARKS: dict[str, Benchmark] = {
     "math500": Benchmark("MATH500", "HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
     # AIME 2022-2024 (90 problems); pass --hub-dataset HuggingFaceH4/aime_2024 for AIME 2024 alone (30 problems).
     "aime": Benchmark("AIME", "AI-MO/aimo-validation-aime", None, "train", "problem", "answer"),
+    # The offline training task, from the file the training script writes (data.write_synthetic_jsonl): every
+    # distinct problem once. Not on the Hub: --dataset-file is required.
+    "synthetic": Benchmark("Synthetic", "", None, "test", "question", "answer", max_new_tokens=16),
 }
+PAPER_BENCHMARKS = ("gsm8k", "math500", "aime")  # Table 1's columns, always shown
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,9 @@ def load_problems(benchmark: Benchmark, *, dataset_file: str | Path | None = Non
     if dataset_file is not None:
         with Path(dataset_file).open() as handle:
             rows = [json.loads(line) for line in handle if line.strip()]
+    elif not benchmark.dataset:
+        raise ValueError(f"benchmark {benchmark.name} is not on the Hub: pass dataset_file (--dataset-file; the "
+                         "training script writes synthetic-eval.jsonl next to its final model)")
     else:
         from datasets import load_dataset
 
@@ -265,8 +276,10 @@ def update_summary(path: str | Path, model: str, benchmark: str, accuracy: float
 
 
 def summary_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """Table 1's layout: ``| Model | GSM8K | MATH500 | AIME |`` with accuracy in %, ``-`` where not evaluated."""
-    keys = list(BENCHMARKS)
+    """Table 1's layout: ``| Model | GSM8K | MATH500 | AIME |`` with accuracy in %, ``-`` where not evaluated; one
+    more column for each other benchmark evaluated (the synthetic task). Rows in the order models were added."""
+    evaluated = {key for scores in summary.values() for key in scores}
+    keys = [*PAPER_BENCHMARKS, *(key for key in BENCHMARKS if key not in PAPER_BENCHMARKS and key in evaluated)]
     lines = ["| Model | " + " | ".join(BENCHMARKS[key].name for key in keys) + " |",
              "|---|" + "---|" * len(keys)]
     for model, scores in summary.items():
@@ -280,15 +293,16 @@ def run(args: Any, generate: Callable[[Sequence[str], int], list[list[str]]] | N
     benchmark = BENCHMARKS[args.benchmark]
     problems = load_problems(benchmark, dataset_file=args.dataset_file, hub_dataset=args.hub_dataset,
                              split=args.split, limit=args.limit)
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else benchmark.max_new_tokens
     if generate is None:
         generate = make_generator(args.model, backend=args.backend, temperature=args.temperature,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+                                  max_new_tokens=max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     accuracy, results = evaluate(problems, generate, args.num_samples)
     out = Path(args.out)
     write_results(results, out / f"{args.benchmark}.jsonl")
     source = str(args.dataset_file) if args.dataset_file else (args.hub_dataset or benchmark.dataset)
     details = {"problems": len(results), "num_samples": args.num_samples, "temperature": args.temperature,
-               "max_new_tokens": args.max_new_tokens, "dataset": source}
+               "max_new_tokens": max_new_tokens, "dataset": source}
     table = summary_table(update_summary(out / "summary.json", args.label or args.model, args.benchmark, accuracy,
                                          details))
     (out / "summary.md").write_text(table)

@@ -25,6 +25,7 @@ __all__ = [
     "is_tiny_folder",
     "load_tiny",
     "load_tiny_tokenizer",
+    "mark_tiny_folder",
     "save_tiny",
 ]
 
@@ -101,8 +102,15 @@ def save_tiny(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, folde
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    marker = {"vocabulary": list(VOCABULARY), "hidden_size": model.config.hidden_size,
-              "num_hidden_layers": model.config.num_hidden_layers}
+    return mark_tiny_folder(folder, model.config)
+
+
+def mark_tiny_folder(folder: str | Path, config: Qwen2Config) -> Path:
+    """Writes :data:`MARKER_FILE` into a folder that holds a tiny model and its tokenizer (saved by any means, e.g.
+    ``Trainer.save_model``), so that :func:`load_tiny` and ``fused-gates evaluate`` recognise it."""
+    folder = Path(folder)
+    marker = {"vocabulary": list(VOCABULARY), "hidden_size": config.hidden_size,
+              "num_hidden_layers": config.num_hidden_layers}
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
     return folder
 

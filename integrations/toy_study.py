@@ -1,19 +1,30 @@
-"""A toy gate study: the training script's offline default for GRPO's clip and the four soft gates, several seeds.
+"""The toy gate study: the training script's offline default for GRPO's clip, the four soft gates and erf with an
+adaptive temperature, several seeds each, summarised per gate and paired against clip.
 
-    python -m fused_gates.integrations.toy_study --seeds 3 --out docs/toy-study
+    python -m fused_gates.integrations.toy_study --seeds 5 --out docs/toy-study
 
-runs (sequentially, on CPU) clip with epsilon 0.2 and sigmoid, erf, arctan, softsign with tau_pos 10 / tau_neg 12,
-each for seeds 0 .. N-1, in ``--runs-dir`` (default ``out/toy-study``; a run whose ``metrics.csv`` exists is not
-rerun), then writes to ``--out``: ``runs.csv`` (the per-step metrics of every run, a few columns), ``summary.md``
-(the per-gate table) and ``curves.png`` (reward and EUR against the step, mean over seeds).
+For each seed k it warms the tiny model up once (``<runs-dir>/initial-seed<k>``, the offline default's warm-up; every
+gate of seed k starts RL from this same model, data and sampling seed), then trains, one after the other:
 
-Table columns, each a mean +- sample standard deviation over seeds (one value per seed first):
+* ``clip`` with epsilon 0.2 (GRPO);
+* ``sigmoid`` (SAPO), ``erf``, ``arctan``, ``softsign`` with tau_pos 10, tau_neg 12 (the paper's pair);
+* ``erf-adaptive``: erf starting from 10 / 12 with ``--eur-target 0.8`` (``adaptive_gate.py``).
 
-* final reward -- mean of the last ``--final-window`` logged rewards (one per generated batch);
-* steps to format reward 0.25 -- first step at which the trailing moving average (``--smooth`` logged values) of the
-  format reward reaches ``--format-threshold``; seeds that never reach it are counted and left out of the mean;
-* mean EUR -- over the off-policy steps (the second update on each batch; on the first, EUR is 1 for every gate);
+Runs go to ``<runs-dir>/<gate>-seed<k>`` (default ``out/toy-study``, not committed). The study is resumable: a run
+whose ``metrics.csv`` exists is not rerun, so an interrupted study continues where it stopped. Then it writes to
+``--out``: ``runs.csv`` (every run's per-step metrics, a few columns), ``summary.md`` (the tables below),
+``curves.png`` (mean over seeds against the step) and ``paired.png`` (each seed's final answer reward per gate).
+
+Per gate, mean +- sample standard deviation over seeds (one value per seed first):
+
+* final answer reward -- mean of the last ``--final-window`` logged answer rewards (logged once per generated batch);
+* steps to answer reward ``--threshold`` -- first step at which the trailing moving average (``--smooth`` logged
+  values) of the answer reward reaches the threshold; seeds that never do are counted and left out of the mean;
+* off-policy EUR -- mean over the off-policy updates (``fused_gates.plots.off_policy_eur``), whole run and last third;
 * final entropy -- mean of the last ``--final-window`` logged entropies.
+
+Paired against clip (same seed = same initial model, data and sampling seed): the per-seed differences of the final
+answer reward and of the steps to the threshold, their mean +- std, and how many seeds are ahead / behind.
 """
 
 from __future__ import annotations
@@ -28,9 +39,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fused_gates.plots import describe_gate, is_on_policy, load_run, moving_average
+from fused_gates.plots import describe_gate, load_run, moving_average, off_policy_eur
 
-__all__ = ["STUDY_GATES", "GateSummary", "StudyGate", "format_summary", "main", "summarise"]
+__all__ = ["STUDY_GATES", "GateSummary", "PairedComparison", "StudyGate", "format_summary", "main", "paired_with",
+           "summarise"]
+
+Row = dict[str, float | str]
 
 
 @dataclass(frozen=True)
@@ -46,15 +60,19 @@ STUDY_GATES: tuple[StudyGate, ...] = (
     StudyGate("erf", ("--gate", "erf", *SOFT)),
     StudyGate("arctan", ("--gate", "arctan", *SOFT)),
     StudyGate("softsign", ("--gate", "softsign", *SOFT)),
+    StudyGate("erf-adaptive", ("--gate", "erf", *SOFT, "--eur-target", "0.8")),
 )
+BASELINE = "clip"
 
-# Columns of runs.csv: (column, logged key)
+# Columns of runs.csv: (column, logged key); "eur_off_policy" comes from fused_gates.plots.off_policy_eur.
 RUN_COLUMNS = (
     ("reward", "reward"),
     ("format_reward", "rewards/format_reward/mean"),
     ("answer_reward", "rewards/answer_reward/mean"),
-    ("eur", "eur"),
+    ("eur_off_policy", None),
     ("entropy", "entropy"),
+    ("tau_pos", "gate/tau_pos"),
+    ("tau_neg", "gate/tau_neg"),
 )
 
 
@@ -62,52 +80,64 @@ RUN_COLUMNS = (
 # Running
 
 
+def initial_model(seed: int, runs_dir: Path) -> Path:
+    """The offline default's warmed-up tiny model for ``seed``, built once and shared by every gate of the seed."""
+    from .train_grpo import prepare_tiny_policy
+    from .train_settings import resolve_settings
+
+    settings = resolve_settings(["--seed", str(seed), "--output-dir", str(runs_dir / f"initial-seed{seed}")])
+    return prepare_tiny_policy(settings, runs_dir / f"initial-seed{seed}")
+
+
 def run_one(gate: StudyGate, seed: int, runs_dir: Path) -> Path:
     """Trains one run with the offline preset (skipped when its ``metrics.csv`` exists); returns its folder."""
     from . import train_grpo
+    from .train_settings import resolve_settings
 
     folder = runs_dir / f"{gate.name}-seed{seed}"
     if (folder / "metrics.csv").is_file():
         return folder
-    settings = train_grpo.resolve_settings([*gate.flags, "--seed", str(seed), "--output-dir", str(folder)])
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start = initial_model(seed, runs_dir)
+    settings = resolve_settings(["--preset", "offline", "--model", str(start), "--sft-steps", "0", *gate.flags,
+                                 "--seed", str(seed), "--output-dir", str(folder)])
+    began = time.perf_counter()
     train_grpo.train(settings)
-    print(f"[toy study] {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"[toy study] {folder.name}: {time.perf_counter() - began:.0f} s", flush=True)
     return folder
 
 
-def collect_rows(folders: Sequence[tuple[str, int, Path]]) -> list[dict[str, float | str]]:
-    """The long table of runs.csv: one row per (gate, seed, step) with the study's columns (empty: not logged)."""
-    rows: list[dict[str, float | str]] = []
+def collect_rows(folders: Sequence[tuple[str, int, Path]]) -> list[Row]:
+    """The long table of runs.csv: one row per (gate, seed, step) with the study's columns (NaN: not logged)."""
+    rows: list[Row] = []
     for gate, seed, folder in folders:
         for logged in load_run(folder).rows:
-            row: dict[str, float | str] = {"gate": gate, "seed": seed, "step": int(logged["step"])}
+            row: Row = {"gate": gate, "seed": seed, "step": int(logged["step"])}
             for column, key in RUN_COLUMNS:
-                value = logged.get(key, math.nan)
-                # On-policy EUR is 1 for every gate; leaving it empty keeps runs.csv's EUR the informative one.
-                row[column] = value if not (key == "eur" and is_on_policy(logged)) else math.nan
+                value = off_policy_eur(logged) if key is None else logged.get(key)
+                row[column] = math.nan if value is None else float(value)
             rows.append(row)
     return rows
 
 
-def write_rows(rows: Sequence[dict[str, float | str]], path: Path) -> Path:
+def write_rows(rows: Sequence[Row], path: Path) -> Path:
     columns = ["gate", "seed", "step", *(column for column, _ in RUN_COLUMNS)]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: _csv_cell(row[key]) for key in columns})
+            writer.writerow({key: _csv_cell(row.get(key, math.nan), key) for key in columns})
     return path
 
 
-def _csv_cell(value: float | str) -> str:
+def _csv_cell(value: float | str, column: str) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        # Rewards are means of 128 values in {0, 0.25, 0.5, 1}: written exactly, so that --summarise-only finds the
+        # same threshold crossings; the rest to 6 digits.
+        return "" if math.isnan(value) else f"{value:.10g}" if "reward" in column else f"{value:.6g}"
     return str(value)
 
 
-def read_rows(path: str | Path) -> list[dict[str, float | str]]:
+def read_rows(path: str | Path) -> list[Row]:
     """runs.csv back as rows (empty cells as NaN)."""
     with Path(path).open(newline="") as handle:
         return [{key: value if key == "gate" else (float(value) if value else math.nan) for key, value in row.items()}
@@ -125,34 +155,59 @@ class Stat:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat:
+        values = [value for value in values if not math.isnan(value)]
         if not values:
             return cls(math.nan, math.nan)
         return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan)
 
-    def format(self, digits: int = 3) -> str:
+    def format(self, digits: int = 3, signed: bool = False) -> str:
         if math.isnan(self.mean):
             return "-"
-        return f"{self.mean:.{digits}f}" + ("" if math.isnan(self.std) else f" ± {self.std:.{digits}f}")
+        sign = "+" if signed else ""
+        return f"{self.mean:{sign}.{digits}f}" + ("" if math.isnan(self.std) else f" ± {self.std:.{digits}f}")
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One run's numbers (NaN where not available; ``steps_to_threshold`` NaN when never reached)."""
+
+    seed: float
+    final_answer: float
+    steps_to_threshold: float
+    eur: float
+    eur_last_third: float
+    final_entropy: float
 
 
 @dataclass(frozen=True)
 class GateSummary:
     gate: str
     seeds: int
-    final_reward: Stat
-    steps_to_format: Stat
-    reached_format: int  # seeds whose smoothed format reward reached the threshold
-    mean_eur: Stat
+    final_answer: Stat
+    steps_to_threshold: Stat
+    reached: int  # seeds whose smoothed answer reward reached the threshold
+    eur: Stat
+    eur_last_third: Stat
     final_entropy: Stat
+    per_seed: tuple[SeedResult, ...]
 
 
-def _series(rows: Sequence[dict[str, float | str]], column: str) -> list[tuple[float, float]]:
+def _series(rows: Sequence[Row], column: str) -> list[tuple[float, float]]:
     points = [(float(row["step"]), float(row[column])) for row in rows if not math.isnan(float(row[column]))]
     return sorted(points)
 
 
-def _tail_mean(rows: Sequence[dict[str, float | str]], column: str, window: int) -> float:
+def _tail_mean(rows: Sequence[Row], column: str, window: int) -> float:
     values = [value for _, value in _series(rows, column)][-window:]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _mean_after(rows: Sequence[Row], column: str, fraction: float) -> float:
+    points = _series(rows, column)
+    if not points:
+        return math.nan
+    last_step = max(float(row["step"]) for row in rows)
+    values = [value for step, value in points if step > fraction * last_step]
     return statistics.fmean(values) if values else math.nan
 
 
@@ -165,54 +220,126 @@ def steps_to_threshold(points: Sequence[tuple[float, float]], threshold: float, 
     return None
 
 
-def summarise(
-    rows: Sequence[dict[str, float | str]],
-    *,
-    final_window: int = 10,
-    format_threshold: float = 0.25,
-    smooth: int = 5,
-) -> list[GateSummary]:
-    """Per gate (in order of first appearance): the table's statistics over seeds (see the module docstring)."""
+def _seed_result(seed: float, run: Sequence[Row], final_window: int, threshold: float, smooth: int) -> SeedResult:
+    reached = steps_to_threshold(_series(run, "answer_reward"), threshold, smooth)
+    return SeedResult(
+        seed=seed,
+        final_answer=_tail_mean(run, "answer_reward", final_window),
+        steps_to_threshold=math.nan if reached is None else reached,
+        eur=_mean_after(run, "eur_off_policy", 0.0),
+        eur_last_third=_mean_after(run, "eur_off_policy", 2 / 3),
+        final_entropy=_tail_mean(run, "entropy", final_window),
+    )
+
+
+def summarise(rows: Sequence[Row], *, final_window: int = 10, threshold: float = 0.5,
+              smooth: int = 5) -> list[GateSummary]:
+    """Per gate (in order of first appearance): the statistics over seeds (see the module docstring)."""
     summaries = []
     for gate in dict.fromkeys(str(row["gate"]) for row in rows):
-        per_seed: dict[float, list[dict[str, float | str]]] = {}
+        per_seed: dict[float, list[Row]] = {}
         for row in rows:
             if row["gate"] == gate:
                 per_seed.setdefault(float(row["seed"]), []).append(row)
-        runs = list(per_seed.values())
-        reached = [steps_to_threshold(_series(run, "format_reward"), format_threshold, smooth) for run in runs]
+        results = tuple(_seed_result(seed, run, final_window, threshold, smooth)
+                        for seed, run in sorted(per_seed.items()))
         summaries.append(GateSummary(
             gate=gate,
-            seeds=len(runs),
-            final_reward=Stat.of([_tail_mean(run, "reward", final_window) for run in runs]),
-            steps_to_format=Stat.of([step for step in reached if step is not None]),
-            reached_format=sum(step is not None for step in reached),
-            mean_eur=Stat.of([_tail_mean(run, "eur", len(run)) for run in runs]),
-            final_entropy=Stat.of([_tail_mean(run, "entropy", final_window) for run in runs]),
+            seeds=len(results),
+            final_answer=Stat.of([result.final_answer for result in results]),
+            steps_to_threshold=Stat.of([result.steps_to_threshold for result in results]),
+            reached=sum(not math.isnan(result.steps_to_threshold) for result in results),
+            eur=Stat.of([result.eur for result in results]),
+            eur_last_third=Stat.of([result.eur_last_third for result in results]),
+            final_entropy=Stat.of([result.final_entropy for result in results]),
+            per_seed=results,
         ))
     return summaries
 
 
-def format_summary(summaries: Sequence[GateSummary], *, final_window: int = 10, format_threshold: float = 0.25,
-                   smooth: int = 5) -> str:
-    """The markdown table of summary.md."""
-    header = (f"| gate | seeds | final reward (last {final_window} logged) "
-              f"| steps to format reward {format_threshold:g} (MA {smooth}) | seeds reaching it "
-              f"| mean EUR (off-policy steps) | final entropy (last {final_window} logged) |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+@dataclass(frozen=True)
+class PairedComparison:
+    """Per-seed differences ``gate - baseline`` (seeds both ran; steps: seeds where both reached the threshold)."""
+
+    gate: str
+    seeds: tuple[float, ...]
+    answer_differences: tuple[float, ...]
+    answer_ahead: int  # seeds with a higher final answer reward than the baseline
+    answer_behind: int
+    step_differences: tuple[float, ...]
+    faster: int  # seeds reaching the threshold in fewer steps (or reaching it where the baseline does not)
+    slower: int
+
+    @property
+    def answer(self) -> Stat:
+        return Stat.of(list(self.answer_differences))
+
+    @property
+    def steps(self) -> Stat:
+        return Stat.of(list(self.step_differences))
+
+
+def paired_with(baseline: GateSummary, other: GateSummary) -> PairedComparison:
+    """``other`` against ``baseline``, seed by seed."""
+    base = {result.seed: result for result in baseline.per_seed}
+    pairs = [(base[result.seed], result) for result in other.per_seed if result.seed in base]
+    answers = tuple(mine.final_answer - theirs.final_answer for theirs, mine in pairs)
+    steps, faster, slower = [], 0, 0
+    for theirs, mine in pairs:
+        mine_reached = not math.isnan(mine.steps_to_threshold)
+        theirs_reached = not math.isnan(theirs.steps_to_threshold)
+        if mine_reached and theirs_reached:
+            steps.append(mine.steps_to_threshold - theirs.steps_to_threshold)
+            faster += mine.steps_to_threshold < theirs.steps_to_threshold
+            slower += mine.steps_to_threshold > theirs.steps_to_threshold
+        else:
+            faster += mine_reached and not theirs_reached
+            slower += theirs_reached and not mine_reached
+    return PairedComparison(other.gate, tuple(theirs.seed for theirs, _ in pairs), answers,
+                            sum(value > 0 for value in answers), sum(value < 0 for value in answers),
+                            tuple(steps), faster, slower)
+
+
+def format_summary(summaries: Sequence[GateSummary], *, final_window: int = 10, threshold: float = 0.5,
+                   smooth: int = 5, baseline: str = BASELINE) -> str:
+    """The markdown tables of summary.md: per gate, then paired against ``baseline`` (when it was run)."""
+    lines = [
+        f"| gate | seeds | final answer reward (last {final_window} logged) | steps to answer reward {threshold:g} "
+        f"(MA {smooth}) | seeds reaching it | off-policy EUR, whole run | off-policy EUR, last third "
+        f"| final entropy (last {final_window} logged) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for summary in summaries:
-        steps = summary.steps_to_format.format(1)
-        lines.append(f"| {summary.gate} | {summary.seeds} | {summary.final_reward.format()} | {steps} "
-                     f"| {summary.reached_format}/{summary.seeds} | {summary.mean_eur.format()} "
+        lines.append(f"| {summary.gate} | {summary.seeds} | {summary.final_answer.format()} "
+                     f"| {summary.steps_to_threshold.format(1)} | {summary.reached}/{summary.seeds} "
+                     f"| {summary.eur.format()} | {summary.eur_last_third.format()} "
                      f"| {summary.final_entropy.format()} |")
+    reference = next((summary for summary in summaries if summary.gate == baseline), None)
+    if reference is not None and len(summaries) > 1:
+        lines += [
+            "",
+            f"Paired against {baseline} (gate minus {baseline}, seed by seed):",
+            "",
+            f"| gate | final answer reward: per seed | mean ± std | seeds ahead / behind "
+            f"| steps to {threshold:g}: mean ± std | seeds faster / slower |",
+            "|---|---|---|---|---|---|",
+        ]
+        for summary in summaries:
+            if summary.gate == baseline:
+                continue
+            paired = paired_with(reference, summary)
+            per_seed = " ".join(f"{value:+.2f}" for value in paired.answer_differences)
+            lines.append(f"| {summary.gate} | {per_seed} | {paired.answer.format(signed=True)} "
+                         f"| {paired.answer_ahead} / {paired.answer_behind} | {paired.steps.format(1, signed=True)} "
+                         f"| {paired.faster} / {paired.slower} |")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Figure
+# Figures
 
 
-def mean_over_seeds(rows: Sequence[dict[str, float | str]], gate: str, column: str) -> tuple[list[float], list[float]]:
+def mean_over_seeds(rows: Sequence[Row], gate: str, column: str) -> tuple[list[float], list[float]]:
     """``(steps, mean over the seeds that logged the step)`` of one gate's column."""
     by_step: dict[float, list[float]] = {}
     for row in rows:
@@ -222,22 +349,53 @@ def mean_over_seeds(rows: Sequence[dict[str, float | str]], gate: str, column: s
     return steps, [statistics.fmean(by_step[step]) for step in steps]
 
 
-def write_figure(rows: Sequence[dict[str, float | str]], path: Path, *, smooth: int, labels: dict[str, str]) -> Path:
+def write_curves(rows: Sequence[Row], path: Path, *, smooth: int, labels: dict[str, str],
+                 eur_target: float | None = 0.8) -> Path:
+    """Answer reward, off-policy EUR, entropy and (adaptive runs) tau_pos against the step, mean over seeds."""
     from fused_gates.plots import pyplot, save_figure
 
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = (("reward", "reward"), ("eur", "EUR (off-policy steps)"))
-    for axis, (column, title) in zip(axes, panels, strict=True):
-        for gate in dict.fromkeys(str(row["gate"]) for row in rows):
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    panels = (("answer_reward", "answer reward"), ("eur_off_policy", "EUR of the off-policy updates"),
+              ("entropy", "entropy (nats)"), ("tau_pos", "tau_pos (adaptive runs; the others keep 10)"))
+    gates = list(dict.fromkeys(str(row["gate"]) for row in rows))
+    for axis, (column, title) in zip(axes.flat, panels, strict=True):
+        for index, gate in enumerate(gates):  # one colour per gate in every panel
             steps, values = mean_over_seeds(rows, gate, column)
-            axis.plot(steps, moving_average(values, smooth), label=labels.get(gate, gate))
+            if steps:
+                axis.plot(steps, moving_average(values, smooth), label=labels.get(gate, gate), color=f"C{index}")
         axis.set_title(title)
-        axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if eur_target is not None:
+        axes[0][1].axhline(eur_target, color="black", linestyle="--", linewidth=0.8)
+    axes[0][0].legend(fontsize=8)
+    for axis in axes[-1]:
+        axis.set_xlabel("step")
     seeds = len({row["seed"] for row in rows})
     figure.suptitle(f"toy study: mean over {seeds} seeds, moving average over {smooth} logged values")
+    figure.tight_layout()
+    return save_figure(figure, path, 100)
+
+
+def write_paired(summaries: Sequence[GateSummary], path: Path) -> Path:
+    """Each seed's final answer reward per gate, one line per seed (the pairing the comparison uses)."""
+    from fused_gates.plots import pyplot, save_figure
+
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    gates = [summary.gate for summary in summaries]
+    seeds = sorted({result.seed for summary in summaries for result in summary.per_seed})
+    for seed in seeds:
+        values = [next((r.final_answer for r in summary.per_seed if r.seed == seed), math.nan)
+                  for summary in summaries]
+        axis.plot(range(len(gates)), values, marker="o", alpha=0.7, label=f"seed {seed:g}")
+    axis.plot(range(len(gates)), [summary.final_answer.mean for summary in summaries], color="black", linewidth=2.5,
+              label="mean")
+    axis.set_xticks(range(len(gates)), gates)
+    axis.set_ylabel("final answer reward")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, ncol=2)
+    figure.suptitle("final answer reward per seed (same seed = same initial model and data)")
     figure.tight_layout()
     return save_figure(figure, path, 100)
 
@@ -249,47 +407,57 @@ def write_figure(rows: Sequence[dict[str, float | str]], path: Path, *, smooth: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toy_study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per gate")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 per gate")
     parser.add_argument("--gates", nargs="+", default=[gate.name for gate in STUDY_GATES],
                         choices=[gate.name for gate in STUDY_GATES])
-    parser.add_argument("--out", default="docs/toy-study", help="where runs.csv, summary.md and curves.png go")
+    parser.add_argument("--out", default="docs/toy-study", help="where runs.csv, summary.md and the figures go")
     parser.add_argument("--runs-dir", default="out/toy-study", help="training output folders (not committed)")
     parser.add_argument("--final-window", type=int, default=10)
-    parser.add_argument("--format-threshold", type=float, default=0.25)
+    parser.add_argument("--threshold", type=float, default=0.5, help="answer reward for 'steps to threshold'")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window, in logged values")
     parser.add_argument("--summarise-only", action="store_true", help="only summarise the runs already in --out")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("seeds", "final_window", "smooth"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gates = [gate for gate in STUDY_GATES if gate.name in args.gates]
     if args.summarise_only:
         rows = read_rows(out / "runs.csv")
     else:
+        began = time.perf_counter()
         folders = [(gate.name, seed, run_one(gate, seed, Path(args.runs_dir)))
-                   for gate in gates for seed in range(args.seeds)]
+                   for seed in range(args.seeds) for gate in gates]
+        print(f"[toy study] {len(folders)} runs in {(time.perf_counter() - began) / 60:.1f} min "
+              "(runs already present were reused)", flush=True)
         rows = collect_rows(folders)
         write_rows(rows, out / "runs.csv")
-    options = {"final_window": args.final_window, "format_threshold": args.format_threshold, "smooth": args.smooth}
-    table = format_summary(summarise(rows, **options), **options)
+    options = {"final_window": args.final_window, "threshold": args.threshold, "smooth": args.smooth}
+    summaries = summarise(rows, **options)
+    table = format_summary(summaries, **options)
     (out / "summary.md").write_text(table)
-    labels = {gate.name: describe_gate(_flags_to_settings(gate.flags)) or gate.name for gate in gates}
-    write_figure(rows, out / "curves.png", smooth=args.smooth, labels=labels)
+    labels = {gate.name: _label(gate) for gate in STUDY_GATES}
+    write_curves(rows, out / "curves.png", smooth=args.smooth, labels=labels)
+    write_paired(summaries, out / "paired.png")
     print(table)
-    print(f"wrote {out / 'runs.csv'}, {out / 'summary.md'} and {out / 'curves.png'}")
+    print(f"wrote {out / 'runs.csv'}, {out / 'summary.md'}, {out / 'curves.png'} and {out / 'paired.png'}")
     return 0
 
 
-def _flags_to_settings(flags: Sequence[str]) -> dict[str, float | str]:
-    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
-    settings: dict[str, float | str] = {"gate": pairs["--gate"]}
-    for flag, key in (("--tau-pos", "tau_pos"), ("--tau-neg", "tau_neg"), ("--epsilon", "epsilon")):
+def _label(gate: StudyGate) -> str:
+    pairs = dict(zip(gate.flags[::2], gate.flags[1::2], strict=True))
+    settings: dict[str, float | str | None] = {"gate": pairs["--gate"]}
+    for flag, key in (("--tau-pos", "tau_pos"), ("--tau-neg", "tau_neg"), ("--epsilon", "epsilon"),
+                      ("--eur-target", "eur_target")):
         if flag in pairs:
             settings[key] = float(pairs[flag])
-    return settings
+    return describe_gate(settings) or gate.name
 
 
 if __name__ == "__main__":

@@ -75,8 +75,13 @@ class GatedGRPOTrainer(GRPOTrainer):
         if args.gate_eur_target is not None:
             from .adaptive_gate import check_can_adapt
 
-            check_can_adapt(self._objective.gate, args.num_iterations,
-                            bool(args.use_vllm and args.vllm_importance_sampling_correction))
+            # off-policy updates: later iterations over a batch, or a generation batch spanning optimiser steps
+            check_can_adapt(self._objective.gate, has_off_policy_updates=args.num_iterations > 1
+                            or args.steps_per_generation > args.gradient_accumulation_steps)
+            if args.restore_callback_states_from_checkpoint:
+                raise ValueError("gate_eur_target: restore_callback_states_from_checkpoint=True would rebuild the "
+                                 "adaptive-temperature callback without its trainer; leave it False (the callback "
+                                 "restores its own state on resume)")
         self._gate_temperatures = (self._objective.tau_pos, self._objective.tau_neg)
         self._off_policy_eur_parts: torch.Tensor | None = None
         with self._gated_heads_installed(args):

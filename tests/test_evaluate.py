@@ -128,3 +128,36 @@ def test_tiny_model_end_to_end(tmp_path: Path) -> None:
     entry = summary[str(folder)]["aime"]
     assert (entry["problems"], entry["num_samples"], entry["temperature"]) == (3, 2, 0.7)
     assert (tmp_path / "eval" / "summary.md").read_text().startswith("| Model | GSM8K | MATH500 | AIME |")
+
+
+def test_synthetic_task_adds_its_column_after_table_1s() -> None:
+    summary = {"initial": {"synthetic": {"accuracy": 0.319}}, "trained": {"synthetic": {"accuracy": 0.766}}}
+    assert summary_table(summary).splitlines() == [
+        "| Model | GSM8K | MATH500 | AIME | Synthetic |",
+        "|---|---|---|---|---|",
+        "| initial | - | - | - | 31.9 |",
+        "| trained | - | - | - | 76.6 |",
+    ]
+
+
+def test_evaluate_command_on_the_synthetic_task_file(tmp_path: Path, monkeypatch) -> None:
+    from fused_gates.integrations import evaluate as module
+    from fused_gates.integrations.data import synthetic_problems, write_synthetic_jsonl
+
+    path = write_synthetic_jsonl(tmp_path / "synthetic-eval.jsonl", max_operand=4)
+    answers = [answer for _, answer in synthetic_problems(4)]
+    asked = {}
+
+    def make_generator(model, **kwargs):
+        asked.update(kwargs)
+        # right on the first half of the problems, wrong on the rest
+        half = len(answers) // 2
+        return stub([[f"<think>so</think><answer>{answer if index < half else 'no'}</answer>"]
+                     for index, answer in enumerate(answers)])
+
+    monkeypatch.setattr(module, "make_generator", make_generator)
+    argv = ["evaluate", "--model", "some/model", "--label", "trained", "--benchmark", "synthetic",
+            "--dataset-file", str(path), "--out", str(tmp_path / "eval")]
+    assert cli.main(argv) == 0
+    assert asked["max_new_tokens"] == BENCHMARKS["synthetic"].max_new_tokens == 16
+    assert (tmp_path / "eval" / "summary.md").read_text().splitlines()[-1] == "| trained | - | - | - | 50.0 |"

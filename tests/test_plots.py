@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from fused_gates import cli, unregister_gate
-from fused_gates.plots import gate_curves, load_run, moving_average, render_gates, run_curves, run_label
+from fused_gates.plots import (
+    describe_gate,
+    gate_curves,
+    load_run,
+    moving_average,
+    off_policy_eur,
+    render_gates,
+    run_curves,
+    run_label,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -177,36 +186,86 @@ def test_plot_runs_command_writes_a_png(tmp_path: Path, capsys) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Off-policy EUR and labels
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    pytest.param({"eur": 0.9, "eur/off_policy": 0.7, "eur/on_policy": 1.0}, 0.7, id="split-logged"),
+    pytest.param({"eur": 1.0, "eur/on_policy": 1.0}, None, id="split-logged-on-policy-only"),
+    pytest.param({"eur": 0.8, "ratio/min": 0.9, "ratio/max": 1.1}, 0.8, id="unsplit-off-policy"),
+    pytest.param({"eur": 1.0, "ratio/min": 1.0, "ratio/max": 1.0}, None, id="unsplit-on-policy"),
+    pytest.param({"eur": math.nan, "ratio/min": 0.9, "ratio/max": 1.1}, None, id="nan"),
+    pytest.param({"entropy": 2.0}, None, id="not-logged"),
+])
+def test_off_policy_eur_of_a_logged_step(row, expected) -> None:
+    assert off_policy_eur(row) == expected
+
+
+def test_adaptive_runs_are_labelled_as_such() -> None:
+    settings = {"gate": "erf", "tau_pos": 10.0, "tau_neg": 12.0, "eur_target": 0.8}
+    assert describe_gate(settings) == "erf (tau+ 10, tau- 12, adapted to EUR 0.8)"
+    assert describe_gate({**settings, "eur_target": None}) == "erf (tau+ 10, tau- 12)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Toy study summary (docs/toy-study)
 
 
 def test_toy_study_summary_matches_a_hand_computed_table() -> None:
-    from fused_gates.integrations.toy_study import format_summary, read_rows, summarise
+    from fused_gates.integrations.toy_study import format_summary, paired_with, read_rows, summarise
 
     rows = read_rows(FIXTURES / "toy_runs.csv")
-    options = {"final_window": 2, "format_threshold": 0.25, "smooth": 2}
+    options = {"final_window": 2, "threshold": 0.5, "smooth": 2}
     clip, erf = summarise(rows, **options)
-    # clip, per seed: final reward (last 2 logged) 0.4 / 0.5; format MA-2 reaches 0.25 at step 5 / 3;
-    # EUR over off-policy steps 0.7 / 0.6; entropy (last 2 logged) 2.55 / 2.1
-    assert (clip.gate, clip.seeds, clip.reached_format) == ("clip", 2, 2)
-    assert (clip.final_reward.mean, clip.final_reward.std) == pytest.approx((0.45, 0.0707107))
-    assert (clip.steps_to_format.mean, clip.steps_to_format.std) == pytest.approx((4.0, 1.4142136))
-    assert (clip.mean_eur.mean, clip.mean_eur.std) == pytest.approx((0.65, 0.0707107))
-    assert (clip.final_entropy.mean, clip.final_entropy.std) == pytest.approx((2.325, 0.3181981))
-    # erf: seed 0 never reaches the format threshold (0.1 throughout), seed 1 at step 3
-    assert (erf.reached_format, erf.steps_to_format.mean) == (1, 3.0)
-    assert (erf.final_reward.mean, erf.mean_eur.mean, erf.final_entropy.mean) == pytest.approx((0.55, 0.6, 3.0))
-    assert format_summary([clip, erf], **options).splitlines()[2:] == [
-        "| clip | 2 | 0.450 ± 0.071 | 4.0 ± 1.4 | 2/2 | 0.650 ± 0.071 | 2.325 ± 0.318 |",
-        "| erf | 2 | 0.550 ± 0.636 | 3.0 | 1/2 | 0.600 ± 0.283 | 3.000 ± 0.000 |",
+    # clip, per seed: final answer reward (last 2 logged) 0.6 / 0.3; answer MA-2 0.2, 0.3, 0.6 reaches 0.5 at step 5,
+    # seed 1 (0, 0.1, 0.3) never; off-policy EUR 0.95 / 0.8, last third (steps > 4) 1.0 / 0.8; entropy 2.55 / 2.0
+    assert (clip.gate, clip.seeds, clip.reached) == ("clip", 2, 1)
+    assert (clip.final_answer.mean, clip.final_answer.std) == pytest.approx((0.45, 0.2121320))
+    assert clip.steps_to_threshold.mean == 5.0 and math.isnan(clip.steps_to_threshold.std)
+    assert (clip.eur.mean, clip.eur.std) == pytest.approx((0.875, 0.1060660))
+    assert (clip.eur_last_third.mean, clip.eur_last_third.std) == pytest.approx((0.9, 0.1414214))
+    assert (clip.final_entropy.mean, clip.final_entropy.std) == pytest.approx((2.275, 0.3889087))
+    # erf: both seeds end at 0.8, reach 0.5 at steps 3 and 5
+    assert (erf.reached, erf.steps_to_threshold.mean) == (2, 4.0)
+    assert (erf.final_answer.mean, erf.eur.mean, erf.eur_last_third.mean) == pytest.approx((0.8, 0.6, 0.65))
+    paired = paired_with(clip, erf)
+    assert paired.answer_differences == pytest.approx((0.2, 0.5))
+    assert (paired.answer_ahead, paired.answer_behind) == (2, 0)
+    # seed 0: 3 - 5 steps; seed 1: erf reaches the threshold, clip never (faster, no difference to average)
+    assert paired.step_differences == (-2.0,) and (paired.faster, paired.slower) == (2, 0)
+    lines = format_summary([clip, erf], **options).splitlines()
+    assert lines[2:4] == [
+        "| clip | 2 | 0.450 ± 0.212 | 5.0 | 1/2 | 0.875 ± 0.106 | 0.900 ± 0.141 | 2.275 ± 0.389 |",
+        "| erf | 2 | 0.800 ± 0.000 | 4.0 ± 1.4 | 2/2 | 0.600 ± 0.141 | 0.650 ± 0.212 | 2.000 ± 1.414 |",
     ]
+    assert lines[-1] == "| erf | +0.20 +0.50 | +0.350 ± 0.212 | 2 / 0 | -2.0 | 2 / 0 |"
 
 
-def test_toy_study_rows_leave_on_policy_eur_empty() -> None:
+def test_toy_study_rows_keep_only_the_off_policy_eur() -> None:
     from fused_gates.integrations.toy_study import collect_rows
 
     rows = collect_rows([("erf", 0, RUNS / "erf-run")])
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
-    assert [row["eur"] for row in rows][1::2] == [0.5, 0.7, 0.9]
-    assert all(math.isnan(row["eur"]) for row in rows[::2])
+    assert [row["eur_off_policy"] for row in rows][1::2] == [0.5, 0.7, 0.9]
+    assert all(math.isnan(row["eur_off_policy"]) for row in rows[::2])
+    assert all(math.isnan(row["tau_pos"]) for row in rows)  # fixed temperatures: not logged
     assert rows[4]["format_reward"] == 0.5
+
+
+def test_toy_study_figures_are_pngs(tmp_path: Path) -> None:
+    from fused_gates.integrations.toy_study import read_rows, summarise, write_curves, write_paired
+
+    rows = read_rows(FIXTURES / "toy_runs.csv")
+    assert write_curves(rows, tmp_path / "curves.png", smooth=2, labels={}).read_bytes()[:8] == PNG_MAGIC
+    assert write_paired(summarise(rows), tmp_path / "paired.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_adaptive_run_curves_use_the_logged_off_policy_eur_and_add_the_temperature() -> None:
+    fixed, adaptive = load_run(RUNS / "erf-run"), load_run(RUNS / "erf-adaptive")
+    assert adaptive.label == "erf (tau+ 10, tau- 12, adapted to EUR 0.8)"
+    curves = run_curves([fixed, adaptive])
+    assert list(curves) == ["reward", "entropy", "EUR", "gate tau_pos (adaptive)"]
+    eur = {curve.label: curve for curve in curves["EUR"]}[adaptive.label]
+    assert eur.step == [2, 4] and eur.y == pytest.approx([0.7, 0.9])  # eur/off_policy, never the on-policy 1.0
+    assert [curve.label for curve in curves["gate tau_pos (adaptive)"]] == [adaptive.label]
+    assert list(run_curves([fixed])) == ["reward", "entropy", "EUR"]

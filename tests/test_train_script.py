@@ -1,4 +1,5 @@
-"""The training script: resolved presets (--dry-run), data, the tiny model, reports, and a short offline run."""
+"""The training script: presets and flags (--dry-run, refusals), the synthetic task and the warm-up, the tiny model,
+the reports (table, metrics.csv, plot), and short offline runs that save their final model."""
 
 from __future__ import annotations
 
@@ -13,12 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_gates.integrations import train_grpo
+from fused_gates.integrations import train_grpo, train_settings
 from fused_gates.integrations.data import (
     SYSTEM_PROMPT,
     filter_long_prompts,
     load_paper_mixture,
     synthetic_arithmetic,
+    synthetic_problems,
+    write_synthetic_jsonl,
+)
+from fused_gates.integrations.run_report import (
+    ANSWER_REWARD,
+    FORMAT_REWARD,
+    StepMetricsCallback,
+    TableCallback,
+    mean_off_policy_eur,
+    window_means,
+    write_metrics_csv,
+    write_metrics_plot,
 )
 from fused_gates.integrations.tiny_model import (
     TAG_TOKENS,
@@ -28,6 +41,7 @@ from fused_gates.integrations.tiny_model import (
     load_tiny,
     save_tiny,
 )
+from fused_gates.integrations.warmup import supervised_warmup, warmup_completion
 
 
 def dry_run(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
@@ -84,14 +98,52 @@ def test_every_flag_overrides_the_preset(capsys: pytest.CaptureFixture[str]) -> 
     resolved = dry_run(
         capsys, "--preset", "paper", "--gate", "clip", "--epsilon", "0.28", "--lr", "5e-7", "--max-steps", "10",
         "--num-generations", "4", "--no-bf16", "--no-liger", "--use-vllm", "--output-dir", "somewhere",
-        "--tau-pos", "1", "--tau-neg", "1.05", "--gradient-accumulation-steps", "2", "--save-steps", "0",
+        "--gradient-accumulation-steps", "2", "--save-steps", "0",
     )
     settings, trainer = resolved["settings"], resolved["trainer_args"]
     assert (trainer["gate"], trainer["epsilon"], trainer["learning_rate"]) == ("clip", 0.28, 5e-7)
     assert (trainer["max_steps"], trainer["num_generations"], trainer["bf16"]) == (10, 4, False)
     assert (trainer["use_vllm"], trainer["output_dir"], trainer["save_strategy"]) == (True, "somewhere", "no")
-    assert (trainer["gate_tau_pos"], trainer["gate_tau_neg"], trainer["gradient_accumulation_steps"]) == (1.0, 1.05, 2)
+    assert trainer["gradient_accumulation_steps"] == 2
+    assert "gate_tau_pos" not in trainer and "gate_tau_neg" not in trainer  # clip has no temperature
     assert settings["liger"] is False
+    soft = dry_run(capsys, "--gate", "arctan", "--tau-pos", "1", "--tau-neg", "1.05", "--eur-target", "0.7",
+                   "--eur-rate", "0.5")["trainer_args"]
+    assert (soft["gate_tau_pos"], soft["gate_tau_neg"]) == (1.0, 1.05)
+    assert (soft["gate_eur_target"], soft["gate_eur_rate"]) == (0.7, 0.5)
+    assert "gate_eur_target" not in dry_run(capsys)["trainer_args"]  # fixed temperatures by default
+
+
+def test_offline_preset_warms_up_then_trains_on_the_small_task(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = dry_run(capsys)["settings"]
+    assert (settings["sft_steps"], settings["sft_answers"], settings["max_operand"]) == (100, "true", 4)
+    assert (settings["gate"], settings["tau_pos"], settings["tau_neg"], settings["eur_target"]) == ("erf", 10, 12, None)
+    assert settings["num_iterations"] == 2
+    assert settings["per_device_batch_size"] % settings["num_generations"] == 0
+    assert dry_run(capsys, "--preset", "paper")["settings"]["sft_steps"] == 0  # the paper cold-starts RL
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    pytest.param(["--max-steps", "0"], "argument --max-steps", id="max-steps-0"),
+    pytest.param(["--learning-rate", "nan"], "argument --learning-rate", id="lr-nan"),
+    pytest.param(["--num-generations", "1"], "argument --num-generations", id="one-generation"),
+    pytest.param(["--eur-target", "1.5"], "argument --eur-target", id="eur-target-above-1"),
+    pytest.param(["--eur-rate", "2"], "argument --eur-rate", id="eur-rate-above-1"),
+    pytest.param(["--epsilon", "1.5", "--gate", "clip"], "argument --epsilon", id="epsilon-above-1"),
+    pytest.param(["--max-operand", "12"], "argument --max-operand", id="two-digit-operands"),
+    pytest.param(["--gate", "clip", "--eur-target", "0.8"], "--eur-target: adaptive gate temperature",
+                 id="adaptive-clip"),
+    pytest.param(["--num-iterations", "1", "--eur-target", "0.8"], "num_iterations=1", id="adaptive-on-policy"),
+    pytest.param(["--eur-rate", "0.5"], "--eur-rate needs --eur-target", id="rate-without-target"),
+    pytest.param(["--gate", "clip", "--tau-pos", "3"], "--tau-pos: not used by --gate clip", id="tau-with-clip"),
+    pytest.param(["--gate", "erf", "--epsilon", "0.3"], "--epsilon: not used by --gate erf", id="epsilon-with-erf"),
+    pytest.param(["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--sft-steps", "5"], "--sft-steps", id="warm-up-hub-model"),
+])
+def test_bad_flags_exit_2_naming_them(capsys: pytest.CaptureFixture[str], flags: list[str], named: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo.main([*flags, "--dry-run"])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gate", ["clip", "sigmoid", "erf", "arctan", "softsign"])
@@ -236,39 +288,189 @@ def test_tiny_model_is_seeded() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Data of the synthetic task and the warm-up
+
+
+@pytest.mark.parametrize(("max_operand", "count"), [pytest.param(9, 155, id="single-digits"),
+                                                    pytest.param(4, 40, id="offline-default")])
+def test_synthetic_problems_are_every_distinct_problem_with_its_answer(max_operand: int, count: int) -> None:
+    problems = synthetic_problems(max_operand)
+    assert len(problems) == len(set(problems)) == count
+    for expression, answer in problems:
+        assert int(answer) == eval(expression) >= 0
+    drawn = set(synthetic_arithmetic(500, seed=1, max_operand=max_operand)["prompt"])
+    assert drawn <= {f"{expression}=" for expression, _ in problems}
+
+
+def test_synthetic_eval_file_is_read_by_the_evaluator(tmp_path: Path) -> None:
+    from fused_gates.integrations.evaluate import BENCHMARKS, load_problems
+
+    path = write_synthetic_jsonl(tmp_path / "synthetic-eval.jsonl", max_operand=4)
+    problems = load_problems(BENCHMARKS["synthetic"], dataset_file=path)
+    assert [(problem.question, problem.reference) for problem in problems] == [
+        (f"{expression}=", answer) for expression, answer in synthetic_problems(4)]
+
+
+def test_warmup_template_is_fully_formatted_and_carries_the_answer() -> None:
+    from fused_gates.integrations.rewards import extract_answer, format_score
+
+    for filler in ([], ["I"], ["so", "think"]):
+        text = warmup_completion("7", filler)
+        assert format_score(text) == 1.0
+        assert extract_answer(text) == "7"
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer(warmup_completion("8", ["answer"]), add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) + 1 <= train_settings.OFFLINE["max_completion_length"]
+
+
+def _warmed(seed: int, source: str = "true"):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=16, num_layers=1, seed=seed)
+    problems = synthetic_problems(4)
+    result = supervised_warmup(model, tokenizer, [f"{q}=" for q, _ in problems], [a for _, a in problems], steps=12,
+                               learning_rate=3e-3, seed=seed, answer_source=source, batch_size=16)
+    return model, result
+
+
+def test_warmup_lowers_the_completion_loss_and_is_deterministic() -> None:
+    first, result = _warmed(seed=5)
+    second, _ = _warmed(seed=5)
+    assert result.last_loss < result.first_loss
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    other, _ = _warmed(seed=6)
+    assert not torch.equal(first.lm_head.weight, other.lm_head.weight)
+
+
+def test_warmup_trains_only_on_the_completion() -> None:
+    from fused_gates.integrations.warmup import _batch
+
+    tokenizer = build_tiny_tokenizer()
+    completions = [warmup_completion("3", ["so"]), warmup_completion("5", ["I"])]
+    input_ids, attention_mask, labels = _batch(tokenizer, ["1+2=", "9-4="], completions, tokenizer.eos_token_id)
+    prompt_length = len(tokenizer("1+2=")["input_ids"])
+    assert (labels[:, :prompt_length] == -100).all()
+    completion = tokenizer(completions[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert labels[0, prompt_length : prompt_length + len(completion)].tolist() == completion
+    assert attention_mask.sum(1).tolist() == [len(row) for row in (input_ids[0], input_ids[1])]
+
+
+def test_warmup_refuses_what_it_cannot_do() -> None:
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=16, num_layers=1)
+    with pytest.raises(ValueError, match="answer_source"):
+        supervised_warmup(model, tokenizer, ["1+1="], ["2"], steps=1, learning_rate=1e-3, seed=0, answer_source="x")
+    with pytest.raises(ValueError, match="plain-text prompts"):
+        supervised_warmup(model, tokenizer, [[{"role": "user", "content": "1+1"}]], ["2"], steps=1,
+                          learning_rate=1e-3, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Reports
 
 
-def test_csv_and_plot_writers(tmp_path: Path) -> None:
-    rows = [
-        {"step": 1, "reward": 0.1, "rewards/format_reward/mean": 0.1, "eur": 1.0, "entropy": 3.0, "loss": 0.0},
-        {"step": 2, "eur": 0.8, "entropy": 2.9, "loss": 0.1},  # a reuse step: no rewards logged
-    ]
-    csv_path = train_grpo.write_metrics_csv(rows, tmp_path / "metrics.csv")
-    with csv_path.open() as handle:
-        read = list(csv.DictReader(handle))
-    assert [row["step"] for row in read] == ["1", "2"]
-    assert read[1]["reward"] == ""
-    png = train_grpo.write_metrics_plot(rows, tmp_path / "metrics.png", title="erf")
+ROWS = [
+    {"step": 1, "reward": 0.1, FORMAT_REWARD: 0.1, ANSWER_REWARD: 0.0, "eur": 1.0, "eur/on_policy": 1.0,
+     "entropy": 3.0, "loss": 0.0, "gate/tau_pos": 10.0, "gate/tau_neg": 12.0},
+    {"step": 2, "eur": 0.8, "eur/off_policy": 0.8, "entropy": 2.9, "loss": 0.1, "gate/tau_pos": 10.0,
+     "gate/tau_neg": 12.0},  # a reuse step: no rewards logged
+    {"step": 3, "reward": 0.5, FORMAT_REWARD: 0.3, ANSWER_REWARD: 0.2, "eur": 1.0, "eur/on_policy": 1.0,
+     "entropy": 2.8, "loss": 0.0, "gate/tau_pos": 11.0, "gate/tau_neg": 13.2},
+    {"step": 4, "eur": 0.6, "eur/off_policy": 0.6, "entropy": 2.7, "loss": 0.1, "gate/tau_pos": 11.0,
+     "gate/tau_neg": 13.2},
+]
+
+
+def test_csv_has_the_rewards_eur_split_and_temperatures(tmp_path: Path) -> None:
+    path = write_metrics_csv(ROWS, tmp_path / "metrics.csv")
+    with path.open() as handle:
+        reader = csv.DictReader(handle)
+        read = list(reader)
+    assert reader.fieldnames[:11] == ["step", "reward", FORMAT_REWARD, ANSWER_REWARD, "eur", "eur/off_policy",
+                                      "eur/on_policy", "entropy", "gate/tau_pos", "gate/tau_neg", "loss"]
+    assert [row["step"] for row in read] == ["1", "2", "3", "4"]
+    assert (read[1]["reward"], read[1]["eur/off_policy"], read[0]["eur/off_policy"]) == ("", "0.8", "")
+    assert [float(row["gate/tau_neg"]) for row in read] == [12.0, 12.0, 13.2, 13.2]
+
+
+def test_summaries_of_a_run() -> None:
+    answer = window_means(ROWS, ANSWER_REWARD, window=1)
+    assert (answer.first, answer.last, answer.first_count) == (0.0, 0.2, 1)
+    assert mean_off_policy_eur(ROWS) == pytest.approx(0.7)
+    assert mean_off_policy_eur(ROWS, 2 / 3) == pytest.approx(0.6)  # steps after 2/3 of 4: step 4 only
+    assert window_means(ROWS, "nothing").describe("x") == "x: not logged"
+
+
+def test_plot_is_a_png(tmp_path: Path) -> None:
+    png = write_metrics_plot(ROWS, tmp_path / "metrics.png", title="erf", eur_target=0.8)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "0.100" in train_grpo.summarize_rewards(rows)
-    assert train_grpo.format_table_row(rows[1]).split()[:3] == ["2", "-", "-"]
+    fixed = [{key: value for key, value in row.items() if not key.startswith("gate/")} for row in ROWS]
+    assert write_metrics_plot(fixed, tmp_path / "fixed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_prints_plain_lines_with_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    collector = StepMetricsCallback()
+    table = TableCallback(collector, adaptive=True)
+    state = TrainerState(max_steps=4)
+    table.on_train_begin(None, state, TrainerControl())
+    for row in ROWS:
+        state.global_step = row["step"]
+        logs = {key: value for key, value in row.items() if key != "step"}
+        collector.on_log(None, state, TrainerControl(), logs=logs)
+        table.on_log(None, state, TrainerControl())
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out  # nothing redrawn in place: nothing to overwrite
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["step", "elapsed", "left"] and lines[0].split()[-2:] == ["tau+", "tau-"]
+    assert len(lines) == 1 + len(ROWS)
+    cells = lines[2].split()
+    assert cells[0] == "2/4" and cells[3:6] == ["-", "-", "-"] and cells[6] == "0.8000"  # off-policy EUR
+    assert lines[1].split()[6] == "-"  # the on-policy step has no off-policy EUR
+    assert lines[3].split()[-2:] == ["11.0000", "13.2000"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # End to end
 
 
-def test_offline_run_writes_metrics(tmp_path: Path) -> None:
-    pytest.importorskip("fused_gates.integrations.trl")
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_tiny(folder)[0].state_dict()
+
+
+def test_offline_run_saves_its_final_model_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "run"
-    assert train_grpo.main(["--max-steps", "2", "--dataset-size", "64", "--output-dir", str(output)]) == 0
+    assert train_grpo.main(["--max-steps", "2", "--sft-steps", "3", "--dataset-size", "64",
+                            "--output-dir", str(output)]) == 0
+    printed = capsys.readouterr().out
     with (output / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["step"]) for row in rows] == [1, 2]
+    assert float(rows[0]["eur/on_policy"]) == 1.0 and 0.0 <= float(rows[1]["eur/off_policy"]) <= 1.0
     for row in rows:
-        assert math.isfinite(float(row["eur"])) and 0.0 <= float(row["eur"]) <= 1.0
         assert math.isfinite(float(row["entropy"])) and float(row["entropy"]) > 0.0
-    assert math.isfinite(float(rows[0]["reward"]))
+    assert math.isfinite(float(rows[0]["rewards/answer_reward/mean"]))
     assert (output / "metrics.png").stat().st_size > 0
-    assert is_tiny_folder(output / "tiny-model")
+    initial, final = output / "initial-model", output / "final-model"
+    assert is_tiny_folder(initial) and is_tiny_folder(final)
+    changed = [name for name, weight in _state(final).items() if not torch.equal(weight, _state(initial)[name])]
+    assert changed, "the saved final model is the initial one"
+    config = json.loads((output / "run_config.json").read_text())
+    assert config["final_model"] == str(final) and config["initial_model"] == str(initial)
+    assert f"final model: {final}" in printed
+    assert f"--dataset-file {output / 'synthetic-eval.jsonl'}" in printed and "--label 'initial policy'" in printed
+    assert len((output / "synthetic-eval.jsonl").read_text().splitlines()) == 40
+
+
+def test_adaptive_run_logs_the_temperatures_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "run"
+    assert train_grpo.main(["--max-steps", "4", "--sft-steps", "3", "--dataset-size", "64", "--eur-target", "0.8",
+                            "--eur-rate", "1", "--output-dir", str(output)]) == 0
+    assert "off-policy EUR, mean over the last third of the run" in capsys.readouterr().out
+    with (output / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    taus = [(float(row["gate/tau_pos"]), float(row["gate/tau_neg"])) for row in rows]
+    assert len(taus) == 4 and taus[0] == (10.0, 12.0)
+    assert all(tau_neg == pytest.approx(1.2 * tau_pos) for tau_pos, tau_neg in taus)
+    assert taus[2] != taus[0]  # moved by step 2's off-policy EUR

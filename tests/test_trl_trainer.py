@@ -102,6 +102,13 @@ def test_adaptive_temperature_refused_before_any_model_is_loaded(tmp_path, case)
                          train_dataset=fixtures.prompts_dataset())
 
 
+def test_adaptive_temperature_refuses_rebuilding_its_callback_from_a_checkpoint(tmp_path):
+    args = config(gate="erf", num_iterations=2, gate_eur_target=0.8, restore_callback_states_from_checkpoint=True)
+    with pytest.raises(ValueError, match="gate_eur_target: restore_callback_states_from_checkpoint"):
+        GatedGRPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=fixtures.reward, args=args,
+                         train_dataset=fixtures.prompts_dataset())
+
+
 def test_settings_changed_after_the_configuration_are_checked_before_loading(tmp_path):
     args = config()
     args.loss_type = "cispo"
@@ -306,8 +313,8 @@ def test_a_gate_without_temperature_refuses_temperatures(model_dir, tmp_path):
 
 
 def test_adaptive_temperature_callback_drives_the_trainer(model_dir, tmp_path):
-    adaptive = pytest.importorskip("fused_gates.integrations.adaptive_gate",
-                                   reason="the adaptive-temperature controller module")
+    from fused_gates.integrations import adaptive_gate as adaptive
+
     trainer = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path,
                              dict(gate="erf", gate_tau_pos=2.0, gate_tau_neg=3.0, gate_eur_target=0.5,
                                   gate_eur_rate=1.0, max_steps=4))
