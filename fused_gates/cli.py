@@ -26,7 +26,10 @@ from .gates import available_gates
 # Argument types: a bad value is an argparse error naming the flag (exit code 2), never a wrong figure or a torch error
 
 
-def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
+def number_argument(kind: Callable[[str], Any], check: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses non-finite values and those failing ``check`` with an
+    error stating ``requirement`` (argparse names the flag and exits 2). The training script's flags use it too."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -36,16 +39,16 @@ def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], requiremen
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
-_positive_int = _number(int, lambda value: value > 0, "an integer > 0")
-_positive_float = _number(float, lambda value: value > 0, "finite and > 0")
-_non_negative_float = _number(float, lambda value: value >= 0, "finite and >= 0")
-_epsilon = _number(float, lambda value: 0 < value < 1, "in (0, 1): the clip range [1 - eps, 1 + eps] around r = 1")
-_r_max = _number(float, lambda value: value > 1, "finite and > 1: the figure spans ratios (0, r-max] around r = 1")
-_group_size = _number(int, lambda value: value >= 2, "an integer >= 2 (advantages need a group's spread)")
+_positive_int = number_argument(int, lambda v: v > 0, "an integer > 0")
+_positive_float = number_argument(float, lambda v: v > 0, "finite and > 0")
+_non_negative_float = number_argument(float, lambda v: v >= 0, "finite and >= 0")
+_epsilon = number_argument(float, lambda v: 0 < v < 1, "in (0, 1): the clip range [1 - eps, 1 + eps] around r = 1")
+_r_max = number_argument(float, lambda v: v > 1, "finite and > 1: the figure spans ratios (0, r-max] around r = 1")
+_group_size = number_argument(int, lambda v: v >= 2, "an integer >= 2 (advantages need a group's spread)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ..cli import number_argument
 
 __all__ = [
     "BUILTIN_GATES",
@@ -202,27 +203,13 @@ PRESETS = {"paper": PAPER, "offline": OFFLINE}
 # Value types: a bad value is an argparse error naming the flag (exit code 2)
 
 
-def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "> 0")
-non_negative_int = _number(int, lambda v: v >= 0, ">= 0")
-positive_float = _number(float, lambda v: v > 0, "> 0")
-non_negative_float = _number(float, lambda v: v >= 0, ">= 0")
-unit_interval = _number(float, lambda v: 0 < v < 1, "in (0, 1)")
-rate_interval = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-beta_interval = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+positive_int = number_argument(int, lambda v: v > 0, "> 0")
+non_negative_int = number_argument(int, lambda v: v >= 0, ">= 0")
+positive_float = number_argument(float, lambda v: v > 0, "> 0")
+non_negative_float = number_argument(float, lambda v: v >= 0, ">= 0")
+unit_interval = number_argument(float, lambda v: 0 < v < 1, "in (0, 1)")
+rate_interval = number_argument(float, lambda v: 0 < v <= 1, "in (0, 1]")
+beta_interval = number_argument(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--model", help=f"model id or folder (paper: {PAPER_MODEL}; offline: the tiny local model)")
     flag("--dataset", choices=["paper", "synthetic"], help="GSM8K + DeepMath mixture, or synthetic arithmetic")
     flag("--dataset-size", type=positive_int, help="rows per source (paper) or in total (synthetic)")
-    flag("--max-operand", type=_number(int, lambda v: 1 <= v <= 9, "in [1, 9]"),
+    flag("--max-operand", type=number_argument(int, lambda v: 1 <= v <= 9, "in [1, 9]"),
          help="synthetic task: operands in [0, N] (single digits: the tiny tokenizer's numbers)")
     flag("--output-dir", help="default out/<gate>-<timestamp>")
     flag("--seed", type=non_negative_int)
@@ -272,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--beta", type=non_negative_float, help="KL coefficient (0: no reference model)")
 
     generation = parser.add_argument_group("generation")
-    generation.add_argument("--num-generations", type=_number(int, lambda v: v >= 2, ">= 2"))
+    generation.add_argument("--num-generations", type=number_argument(int, lambda v: v >= 2, ">= 2"))
     generation.add_argument("--max-prompt-length", type=positive_int, help="longer prompts are dropped")
     generation.add_argument("--max-completion-length", type=positive_int)
     generation.add_argument("--temperature", type=positive_float)
