@@ -28,7 +28,7 @@ from .logprob_stats import token_statistics
 NAME = "triton"
 
 
-def _interpreter_bug() -> str | None:
+def interpreter_bug() -> str | None:
     """Triton before 3.8 converts 1-element arrays with ``int()`` in its interpreter (``tl.tensor.__index__``), which
     NumPy 2.4 refuses: every ``range(0, V, BLOCK)`` over a runtime ``V`` then fails. Compiled kernels are unaffected."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -43,7 +43,7 @@ def _interpreter_bug() -> str | None:
 
 
 def unsupported(head: HeadSpec, config: ObjectiveConfig | None) -> str | None:
-    bug = _interpreter_bug()
+    bug = interpreter_bug()
     if bug is not None:
         return bug
     if head.weight.dtype == torch.float64:

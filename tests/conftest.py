@@ -14,21 +14,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _interpreter_bug() -> str | None:
-    """Triton before 3.8 cannot interpret the kernels beside NumPy 2.4 or newer (its tl.tensor.__index__ calls int()
-    on a 1-element array); the kernels themselves are fine (compiled, and in newer interpreters)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return None
+    """The interpreter bug the Triton backend names (Triton < 3.8 beside NumPy >= 2.4), if this environment has it."""
     try:
-        import numpy
-        import triton
-    except ImportError:
+        from fused_gates.kernels.launcher import interpreter_bug
+    except ImportError:  # no triton: the Triton tests skip themselves, naming it
         return None
-    triton_version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-    numpy_version = tuple(int(x) for x in numpy.__version__.split(".")[:2])
-    if triton_version < (3, 8) and numpy_version >= (2, 4):
-        return (f"Triton {triton.__version__}'s interpreter bug with NumPy {numpy.__version__}: int() of a "
-                "1-element array in tl.tensor.__index__ (use numpy<2.4 or triton>=3.8)")
-    return None
+    return interpreter_bug()
 
 
 def pytest_collection_modifyitems(config, items):
