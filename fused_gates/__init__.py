@@ -3,11 +3,31 @@ Gate Functions in SAPO") from last hidden states and the lm_head, without materi
 
 from .admissibility import GateAdmissibilityError, check_admissible
 from .api import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
-from .gates import Gate, GateParameters, available_gates, get_gate, register_gate, unregister_gate
+from .arguments import NONFINITE_POLICIES
+from .backend import BACKENDS
+from .gates import (
+    PAPER_GATES,
+    POLICY_OBJECTIVES,
+    SOFT_GATES,
+    Gate,
+    GateParameters,
+    available_gates,
+    get_gate,
+    register_gate,
+    unregister_gate,
+)
+from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "LOSS_TYPES",
+    "NONFINITE_POLICIES",
+    "PAPER_GATES",
+    "POLICY_OBJECTIVES",
+    "SOFT_GATES",
     "Gate",
     "GateAdmissibilityError",
     "GateParameters",

@@ -9,12 +9,18 @@ away from 1, (iv) have f'(r) r -> 0, and stay finite wherever the loss can evalu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .gates import MAX_LOG_RATIO, GateFunction
+GateFunction = Callable[[Tensor, Tensor], Tensor]
+"""``(ratio, tau) -> tensor``: a gate's value or derivative, elementwise, ``tau`` broadcast to ``ratio``."""
+
+MAX_LOG_RATIO = 80.0
+"""Log-ratios (and the KL's ``ref - logp``) are clamped to +-80 before exponentiation: exp(80) = 5.5e34 keeps
+``A * r`` finite in float32, whereas exp(89) is already infinite. Gates are therefore evaluated on
+``[exp(-80), exp(80)]`` and are checked on all of it when registered."""
 
 
 class GateAdmissibilityError(ValueError):

@@ -35,23 +35,30 @@ The Triton forms of the same formulas are in ``fused_gates.kernels.gates``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-GateFunction = Callable[[Tensor, Tensor], Tensor]
-"""``(ratio, tau) -> tensor``: a gate's value or derivative, elementwise, ``tau`` broadcast to ``ratio``."""
+from .admissibility import MAX_LOG_RATIO, GateFunction, check_admissible
 
-MAX_LOG_RATIO = 80.0
-"""Log-ratios (and the KL's ``ref - logp``) are clamped to +-80 before exponentiation: exp(80) = 5.5e34 keeps
-``A * r`` finite in float32, whereas exp(89) is already infinite. Gates are therefore evaluated on
-``[exp(-80), exp(80)]`` and are checked on all of it when registered."""
 
-BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4, "cispo": 6, "vespo": 7}
+BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4, "cispo": 6}
 CUSTOM_KERNEL_ID = 5
-"""Gate ids shared with the Triton kernels, which select the device function by this constexpr."""
+"""Gate ids shared with the Triton kernels, which select the device function by this constexpr (vespo's weight is a
+row statistic evaluated in torch: it has no kernel branch)."""
+
+SOFT_GATES = ("sigmoid", "erf", "arctan", "softsign")
+"""The paper's soft gates (SAPO's sigmoid and eqs. 6-8): each takes a temperature tau."""
+PAPER_GATES = ("clip", *SOFT_GATES)
+"""The five gates the paper compares, in its order."""
+POLICY_OBJECTIVES = ("cispo", "vespo")
+"""TRL's detached-weight objectives, selectable as ``gate=`` but not gates f(r) of the paper's form."""
+
+GATE_KINDS = ("clip", "soft", "cispo", "vespo")
+"""What a gate is: GRPO's clip (epsilons), a soft gate of (r, tau) (built-in or registered), or one of TRL's
+detached-weight objectives."""
 
 DEFAULT_CHECK_TAUS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
@@ -86,23 +93,32 @@ class Gate:
     derivative: GateFunction
     triton_value: object | None = field(default=None, compare=False)
     triton_derivative: object | None = field(default=None, compare=False)
-    kernel_id: int = CUSTOM_KERNEL_ID
+    kind: str = "soft"  # one of GATE_KINDS
+    kernel_id: int | None = CUSTOM_KERNEL_ID  # the kernels' branch; None: no kernel form (vespo)
 
     @property
     def is_clip(self) -> bool:
-        return self.kernel_id == BUILTIN_KERNEL_IDS["clip"]
+        return self.kind == "clip"
 
     @property
     def is_cispo(self) -> bool:
-        return self.kernel_id == BUILTIN_KERNEL_IDS["cispo"]
+        return self.kind == "cispo"
 
     @property
     def is_vespo(self) -> bool:
-        return self.kernel_id == BUILTIN_KERNEL_IDS["vespo"]
+        return self.kind == "vespo"
+
+    @property
+    def has_temperature(self) -> bool:
+        """Whether the gate takes tau (``tau_pos`` / ``tau_neg``): the soft gates, built-in or registered; not clip
+        (set by its epsilons) nor the detached-weight objectives."""
+        return self.kind == "soft"
 
     @property
     def runs_in_kernels(self) -> bool:
         """Whether the Triton kernels can evaluate this gate (built-in, or custom with its Triton pair)."""
+        if self.kind == "vespo":
+            return True  # its weight is evaluated in torch between the statistics and the gradient kernels
         return self.kernel_id != CUSTOM_KERNEL_ID or (
             self.triton_value is not None and self.triton_derivative is not None
         )
@@ -175,14 +191,16 @@ def _softsign_derivative(ratio: Tensor, tau: Tensor) -> Tensor:
 
 
 _BUILTIN_GATES: dict[str, Gate] = {
-    "clip": ClipGate("clip", _unavailable, _unavailable, kernel_id=BUILTIN_KERNEL_IDS["clip"]),
+    "clip": ClipGate("clip", _unavailable, _unavailable, kind="clip", kernel_id=BUILTIN_KERNEL_IDS["clip"]),
     "sigmoid": Gate("sigmoid", _sigmoid_value, _sigmoid_derivative, kernel_id=BUILTIN_KERNEL_IDS["sigmoid"]),
     "erf": Gate("erf", _erf_value, _erf_derivative, kernel_id=BUILTIN_KERNEL_IDS["erf"]),
     "arctan": Gate("arctan", _arctan_value, _arctan_derivative, kernel_id=BUILTIN_KERNEL_IDS["arctan"]),
     "softsign": Gate("softsign", _softsign_value, _softsign_derivative, kernel_id=BUILTIN_KERNEL_IDS["softsign"]),
 }
+assert tuple(_BUILTIN_GATES) == PAPER_GATES
 _POLICY_OBJECTIVES: dict[str, Gate] = {
-    name: Gate(name, _unavailable, _unavailable, kernel_id=BUILTIN_KERNEL_IDS[name]) for name in ("cispo", "vespo")
+    "cispo": Gate("cispo", _unavailable, _unavailable, kind="cispo", kernel_id=BUILTIN_KERNEL_IDS["cispo"]),
+    "vespo": Gate("vespo", _unavailable, _unavailable, kind="vespo", kernel_id=None),
 }
 _REGISTRY: dict[str, Gate] = dict(_BUILTIN_GATES)
 
@@ -206,8 +224,6 @@ def register_gate(
     (``@triton.jit`` functions of ``(ratio, tau)``) let the Triton backend fuse the gate into its kernels. Returns
     the :class:`Gate`, also usable directly as ``gate=``.
     """
-    from .admissibility import check_admissible
-
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
     if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES:

@@ -38,7 +38,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .gates import MAX_LOG_RATIO, Gate, GateParameters
+from .admissibility import MAX_LOG_RATIO
+from .gates import Gate, GateParameters
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")

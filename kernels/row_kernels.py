@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..gates import MAX_LOG_RATIO
+from ..admissibility import MAX_LOG_RATIO
 from .gates import CISPO, gate_value_and_derivative
 from .logits import softcap_slope, to_logits
 from .online_softmax import block_statistics, finish_statistics, merge_statistics
