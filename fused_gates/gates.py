@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .admissibility import MAX_LOG_RATIO, GateFunction, check_admissible
-
+from .admissibility import GateFunction, check_admissible
 
 BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4, "cispo": 6}
 CUSTOM_KERNEL_ID = 5
