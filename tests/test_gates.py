@@ -9,11 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fused_gates import GateAdmissibilityError, GateParameters, check_admissible, get_gate, register_gate
+from fused_gates import SOFT_GATES, GateAdmissibilityError, GateParameters, check_admissible, get_gate, register_gate
 from fused_gates.gates import available_gates, unregister_gate
 from fused_gates.reference import reference_gate_value
 
-SOFT_GATES = ["sigmoid", "erf", "arctan", "softsign"]
 taus = st.floats(min_value=0.5, max_value=20.0, allow_nan=False)
 
 

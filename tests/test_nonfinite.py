@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_inputs, max_abs
+from helpers import DEVICE, Run, Tolerance, assert_within, make_inputs, max_abs, output_errors, run_reference
 
-from fused_gates import gated_policy_loss, token_logprobs
+from fused_gates import BACKENDS, gated_policy_loss, token_logprobs
 from fused_gates.reference import reference_loss
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
+COMPUTING_BACKENDS = [b for b in BACKENDS if b != "auto"]
 BAD_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+AS_IF_MASKED = Tolerance(loss=1e-5, per_token=1e-4, metrics=2e-5, grad=1e-5)
 OPTIONS = dict(gate="arctan", tau_pos=2.0, tau_neg=3.0, loss_type="grpo", entropy_coef=0.01, group_size=2)
 
 
@@ -38,14 +38,14 @@ def _run(inputs, backend, poison: float | None, dtype=torch.float32, **overrides
 
 
 @pytest.mark.parametrize("value", BAD_VALUES.values(), ids=BAD_VALUES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_raise_names_hidden_and_the_count(backend, value):
     with pytest.raises(ValueError, match=r"hidden: 1 token\(s\) where the mask is set have non-finite"):
         _run(_inputs(), backend, value)
 
 
 @pytest.mark.parametrize("value", BAD_VALUES.values(), ids=BAD_VALUES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_zero_drops_the_token_as_if_it_were_masked(backend, value):
     inputs = _inputs()
     out, (h, w, b) = _run(inputs, backend, value, on_nonfinite="zero")
@@ -55,31 +55,28 @@ def test_zero_drops_the_token_as_if_it_were_masked(backend, value):
 
     masked = _inputs()
     masked.mask[0, 2] = 0
-    rh, rw, rb = masked.leaves()
-    ref = reference_loss(rh, rw, masked.ids, masked.advantages, masked.mask, masked.old, bias=rb, **OPTIONS)
-    ref.loss.backward()
-    assert max_abs(out.loss, ref.loss) < 1e-5
-    assert max_abs(out.eur, ref.eur) < 1e-5
-    assert max_abs(w.grad.cpu(), rw.grad) < 1e-5 and max_abs(b.grad.cpu(), rb.grad) < 1e-5
+    errors = output_errors(Run(out, (h.grad, w.grad, b.grad)), run_reference(masked, dtype=torch.float32, **OPTIONS))
+    # every field as the reference with the token masked, but the count of the dropped token
+    assert_within(errors, AS_IF_MASKED, against="the reference with the token masked",
+                  ignore=("metrics[nonfinite_tokens]",))
     grad_h = h.grad.cpu()
     assert torch.isfinite(grad_h).all() and grad_h[0, 2].abs().max() == 0
-    assert max_abs(grad_h, rh.grad) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_propagate_lets_nan_through_and_counts_it(backend):
     out, _ = _run(_inputs(), backend, float("nan"), on_nonfinite="propagate")
     assert torch.isnan(out.loss)
     assert out.metrics["nonfinite_tokens"].item() == 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_finite_inputs_count_zero(backend):
     out, _ = _run(_inputs(), backend, None)
     assert out.metrics["nonfinite_tokens"].item() == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_nonfinite_weight_is_counted_at_every_token(backend):
     inputs = _inputs()
     h, w, _ = inputs.leaves(torch.float32, bias=False)

@@ -16,25 +16,42 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import triton
 import triton.language as tl  # noqa: F401  (a @triton.jit module must see triton.language)
-from helpers import make_inputs, max_abs
+from helpers import (
+    DEVICE,
+    GRADS,
+    PER_TOKEN,
+    Run,
+    assert_matches_reference,
+    make_inputs,
+    max_abs,
+    output_errors,
+    run_loss,
+    run_reference,
+)
 
-from fused_gates import Gate, GateParameters, check_admissible, gated_policy_loss, get_gate, token_logprobs
+from fused_gates import (
+    LOSS_TYPES,
+    PAPER_GATES,
+    Gate,
+    GateParameters,
+    check_admissible,
+    gated_policy_loss,
+    get_gate,
+    token_logprobs,
+)
 from fused_gates.kernels import logprob_stats
 from fused_gates.kernels.gates import atan, evaluate_gate
-from fused_gates.reference import reference_gate_value, reference_loss
+from fused_gates.reference import reference_gate_value
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns on the overflow of the side not taken
 # (exp(-x) for x << 0 in the sigmoid); results are checked for finiteness instead.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BUILTIN_GATES = ["clip", "sigmoid", "erf", "arctan", "softsign"]
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
 # A Cauchy-like custom gate: f'(r) = (1 + x^2)^-2 with x = tau (r - 1), and its integral
@@ -69,7 +86,7 @@ def cauchy_value_wrong_kernel(ratio, tau):
 
 
 CAUCHY = Gate("cauchy", cauchy_value, cauchy_derivative, cauchy_value_kernel, cauchy_derivative_kernel)
-GATES = [*BUILTIN_GATES, "cauchy"]
+GATES = [*PAPER_GATES, "cauchy"]
 
 
 def gate_argument(name: str) -> str | Gate:
@@ -164,6 +181,11 @@ class Case:
         options.update(self.options)
         return options
 
+    def run_options(self) -> dict:
+        """Everything the helpers' runs take: the loss options, the gate, the bias, the frozen weight, the budget."""
+        return dict(self.loss_options(), gate=gate_argument(self.gate), bias=self.with_bias,
+                    frozen_weight=self.frozen_weight, memory_budget_mb=self.memory_budget_mb)
+
 
 def _main_cases() -> dict[str, Case]:
     """Every gate at both levels; loss types, KL flavour, entropy, on/off-policy and bias rotate through them."""
@@ -171,7 +193,7 @@ def _main_cases() -> dict[str, Case]:
     for i, gate in enumerate(GATES):
         for j, level in enumerate(("token", "sequence")):
             k = 2 * i + j
-            loss_type = LOSS_TYPES[(i + 2 * j) % 4]
+            loss_type = LOSS_TYPES[(i + 2 * j) % len(LOSS_TYPES)]
             options = {"use_bias_correction_kl": k % 2 == 0, "entropy_coef": 0.01 if k % 3 else 0.0}
             if k % 4 == 3:
                 options["beta"] = 0.0
@@ -200,72 +222,17 @@ SPECIAL_CASES = {
 CASES = {**_main_cases(), **SPECIAL_CASES}
 
 
-def run(case: Case, backend: str, dtype: torch.dtype, inputs):
-    h, w, b = inputs.leaves(dtype, bias=case.with_bias)
-    h, w = h.detach().to(DEVICE).requires_grad_(), w.detach().to(DEVICE).requires_grad_(not case.frozen_weight)
-    b = None if b is None else b.detach().to(DEVICE).requires_grad_()
-    out = gated_policy_loss(
-        h,
-        w,
-        inputs.ids.to(DEVICE),
-        inputs.advantages.to(DEVICE, dtype),
-        inputs.mask.to(DEVICE),
-        None if case.on_policy else inputs.old.to(DEVICE, dtype),
-        inputs.ref.to(DEVICE, dtype),
-        gate=gate_argument(case.gate),
-        bias=b,
-        backend=backend,
-        memory_budget_mb=case.memory_budget_mb,
-        **case.loss_options(),
-    )
-    out.loss.backward()
-    return out, (h.grad, w.grad, None if b is None else b.grad)
+def run(case: Case, backend: str, dtype: torch.dtype, inputs) -> Run:
+    return run_loss(inputs, backend=backend, dtype=dtype, **case.run_options())
 
 
-def run_reference(case: Case, inputs, dtype: torch.dtype):
+def run_truth(case: Case, inputs, dtype: torch.dtype) -> Run:
     """The float64 truth for inputs rounded to ``dtype`` (so that only the computation's error is measured)."""
-    h, w, b = (None if t is None else t.detach().to(dtype).double().requires_grad_() for t in inputs.leaves(
-        torch.float64, bias=case.with_bias
-    ))
-    options = case.loss_options()
-    ref = reference_loss(
-        h,
-        w,
-        inputs.ids,
-        inputs.advantages.to(dtype).double(),
-        inputs.mask,
-        None if case.on_policy else inputs.old.to(dtype).double(),
-        inputs.ref.to(dtype).double(),
-        gate="cauchy" if case.gate == "cauchy" else case.gate,
-        custom_value=cauchy_value if case.gate == "cauchy" else None,
-        bias=b,
-        **options,
-    )
-    ref.loss.backward()
-    return ref, (h.grad, None if case.frozen_weight else w.grad, None if b is None else b.grad)
-
-
-PER_TOKEN = ("logprobs", "entropy", "ratio", "gate_value", "gate_grad")
-GRADS = ("hidden", "weight", "bias")
-
-
-def errors(out, grads, ref, ref_grads) -> dict[str, float]:
-    """Max abs error of each output against the reference."""
-    err = {"loss": max_abs(out.loss, ref.loss), "eur": max_abs(out.eur, ref.eur)}
-    for name in PER_TOKEN:
-        err[name] = max_abs(getattr(out, name).cpu(), getattr(ref, name))
-    assert set(out.metrics) == set(ref.metrics)
-    for key, value in ref.metrics.items():
-        err[f"metrics[{key}]"] = max_abs(out.metrics[key].cpu(), value)
-    for name, ours, truth in zip(GRADS, grads, ref_grads, strict=True):
-        assert (ours is None) == (truth is None), name
-        if truth is not None:
-            err[f"grad {name}"] = max_abs(ours.cpu(), truth)
-    return err
+    return run_reference(inputs, dtype=dtype, **case.run_options())
 
 
 def case_inputs(case: Case, name: str):
-    return make_inputs(
+    inputs = make_inputs(
         case.batch,
         case.length,
         case.hidden_size,
@@ -273,6 +240,7 @@ def case_inputs(case: Case, name: str):
         seed=zlib.crc32(name.encode()) % 1000,
         token_advantages=case.token_advantages,
     )
+    return replace(inputs, old=None) if case.on_policy else inputs
 
 
 def _force_vocab_splits(monkeypatch, splits: int | None) -> None:
@@ -285,13 +253,10 @@ def test_float32_matches_reference_and_torch_backend(name, monkeypatch):
     case = CASES[name]
     _force_vocab_splits(monkeypatch, case.vocab_splits)
     inputs = case_inputs(case, name)
-    triton_out, triton_grads = run(case, "triton", torch.float32, inputs)
-    torch_out, torch_grads = run(case, "torch", torch.float32, inputs)
-    ours = errors(triton_out, triton_grads, *run_reference(case, inputs, torch.float32))
-    for key, err in ours.items():
-        assert err <= (1e-4 if key in PER_TOKEN else 2e-5), f"{key}: error {err:.3g} against the float64 reference"
-    assert max_abs(triton_out.loss, torch_out.loss) <= 1e-5
-    for name_, a, b in zip(GRADS, triton_grads, torch_grads, strict=True):
+    triton_run = assert_matches_reference(inputs, backend="triton", dtype=torch.float32, **case.run_options()).ours
+    torch_run = run(case, "torch", torch.float32, inputs)
+    assert max_abs(triton_run.out.loss, torch_run.out.loss) <= 1e-5
+    for name_, a, b in zip(GRADS, triton_run.grads, torch_run.grads, strict=True):
         assert (a is None) == (b is None), name_
         if a is not None:
             assert max_abs(a, b) <= 1e-5, f"grad {name_} differs from the torch backend"
@@ -312,9 +277,9 @@ def test_float16_error_no_worse_than_torch_backend(name, monkeypatch):
     case = FLOAT16_CASES[name]
     _force_vocab_splits(monkeypatch, case.vocab_splits)
     inputs = case_inputs(case, name)
-    truth = run_reference(case, inputs, torch.float16)
-    ours = errors(*run(case, "triton", torch.float16, inputs), *truth)
-    baseline = errors(*run(case, "torch", torch.float16, inputs), *truth)
+    truth = run_truth(case, inputs, torch.float16)
+    ours = output_errors(run(case, "triton", torch.float16, inputs), truth)
+    baseline = output_errors(run(case, "torch", torch.float16, inputs), truth)
     for key, err in ours.items():
         assert err <= 1.5 * baseline[key] + 1e-5, f"{key}: {err:.3g} vs torch float16 {baseline[key]:.3g}"
 

@@ -10,12 +10,10 @@ import zlib
 
 import pytest
 import torch
-from helpers import make_inputs, max_abs
+from helpers import assert_matches_reference, make_inputs, max_abs, run_loss, run_reference
 
 from fused_gates import gated_policy_loss
-from fused_gates.reference import reference_loss
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BASE = dict(tau_pos=2.0, tau_neg=3.0, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=9, beta=0.04,
             use_bias_correction_kl=True, temperature=0.7, entropy_coef=0.01)
 
@@ -56,14 +54,13 @@ CASES = {
 BASELINE = {"delta": None, "sampling_ratio": None, "entropy_mask": None, "off_policy_mask_threshold": None}
 
 
-def case_options(name: str, inputs, *, dtype=torch.float64) -> dict:
+def case_options(name: str, inputs) -> dict:
     gate, loss_type, level, chosen = CASES[name]
     tensors = extras(inputs, zlib.crc32(name.encode()) % 1000)
     options = dict(BASE, gate=gate, loss_type=loss_type, importance_sampling_level=level)
     for key, value in chosen.items():
         options[key] = tensors[key] if value is True else value
-    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-            for k, v in options.items()}
+    return options
 
 
 # Seeds chosen where the name's own seed happens to leave an option without effect (no row past delta).
@@ -74,50 +71,18 @@ def inputs_for(name: str):
     return make_inputs(seed=SEEDS.get(name, zlib.crc32(name.encode()) % 1000), log_ratio_scale=0.4)
 
 
-def reference(inputs, options):
-    h, w, b = inputs.leaves(torch.float64)
-    ref = reference_loss(h, w, inputs.ids, inputs.advantages, inputs.mask, inputs.old, inputs.ref, bias=b,
-                         **{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                            for k, v in options.items()})
-    ref.loss.backward()
-    return ref, (h.grad, w.grad, b.grad)
-
-
-def ours(inputs, options, *, backend="torch", dtype=torch.float64, budget=0.02):
-    h, w, b = (t.to(DEVICE).requires_grad_() for t in (x.detach() for x in inputs.leaves(dtype)))
-    moved = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
-    out = gated_policy_loss(h, w, inputs.ids.to(DEVICE), inputs.advantages.to(DEVICE, dtype), inputs.mask.to(DEVICE),
-                            inputs.old.to(DEVICE, dtype), inputs.ref.to(DEVICE, dtype), bias=b, backend=backend,
-                            memory_budget_mb=budget, **moved)
-    out.loss.backward()
-    return out, (h.grad, w.grad, b.grad)
-
-
-def assert_close(out, grads, ref, ref_grads, atol: float) -> None:
-    assert max_abs(out.loss.cpu(), ref.loss) <= atol, "loss"
-    for name in ("logprobs", "entropy", "ratio", "gate_value", "gate_grad", "kl", "policy_weight"):
-        assert max_abs(getattr(out, name).cpu(), getattr(ref, name)) <= 10 * atol, name
-    assert set(out.metrics) == set(ref.metrics)
-    for key, value in ref.metrics.items():
-        assert max_abs(out.metrics[key].cpu(), value) <= 10 * atol, key
-    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
-        assert max_abs(g.cpu(), rg) <= atol, f"grad {name}"
-
-
 @pytest.mark.parametrize("budget", [0.02, 64.0], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize("name", CASES)
 def test_torch_backend_matches_trl_reference(name, budget):
     inputs = inputs_for(name)
-    options = case_options(name, inputs)
-    assert_close(*ours(inputs, options, budget=budget), *reference(inputs, options), atol=1e-10)
+    assert_matches_reference(inputs, memory_budget_mb=budget, **case_options(name, inputs))
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_triton_backend_matches_trl_reference(name):
     inputs = inputs_for(name)
-    options = case_options(name, inputs, dtype=torch.float32)
-    assert_close(*ours(inputs, options, backend="triton", dtype=torch.float32), *reference(inputs, options),
-                 atol=2e-5)
+    assert_matches_reference(inputs, backend="triton", dtype=torch.float32, memory_budget_mb=0.02,
+                             **case_options(name, inputs))
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if set(c[3]) & set(BASELINE)])
@@ -125,8 +90,8 @@ def test_each_option_changes_the_loss(name):
     inputs = inputs_for(name)
     options = case_options(name, inputs)
     without = {k: v for k, v in options.items() if k not in BASELINE and k != "sampling_logprobs"}
-    changed = ours(inputs, options)[0]
-    plain = ours(inputs, without)[0]
+    changed = run_loss(inputs, memory_budget_mb=0.02, backward=False, **options).out
+    plain = run_loss(inputs, memory_budget_mb=0.02, backward=False, **without).out
     assert abs(changed.loss.item() - plain.loss.item()) > 1e-6
     if "off_policy_mask_threshold" in options:  # some rows must actually be dropped in these cases
         assert (changed.policy_weight == 0).any()
@@ -137,8 +102,8 @@ def test_cispo_and_vespo_take_no_gradient_through_their_weight():
     kept the weight attached would not (it shows the check can fail)."""
     inputs = inputs_for("cispo-dapo-token")
     options = case_options("cispo-dapo-token", inputs)
-    _, grads = ours(inputs, options)
-    _, ref_grads = reference(inputs, options)
+    grads = run_loss(inputs, memory_budget_mb=0.02, **options).grads
+    ref_grads = run_reference(inputs, **options).grads
     assert max_abs(grads[1].cpu(), ref_grads[1]) < 1e-10
     h, w, b = inputs.leaves(torch.float64)
     logits = (h @ w.T + b) / options["temperature"]
