@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: train head-demo test lint bench
 train: $(VENV)/.installed
-	$(PY) -m fused_gates.integrations.train_grpo
+	$(PY) -m fused_gates.integrations.app.train
 
 head-demo: $(VENV)/.installed
 	$(PY) -m fused_gates.cli demo

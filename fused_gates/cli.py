@@ -2,50 +2,32 @@
 
 * ``demo`` -- the loss on a realistic lm_head with random weights (also what runs without a subcommand);
 * ``plot-gates`` -- the paper's Figure 1: every gate and its derivative for several temperatures;
-* ``plot-runs`` -- reward, entropy and EUR against the step of training runs;
-* ``evaluate`` -- benchmark accuracy (GSM8K, MATH500, AIME) of a model, in the layout of the paper's Table 1.
+* ``plot-runs`` -- reward, entropy and EUR against the step of training runs.
+
+Benchmark accuracy (the paper's Table 1) is the application's ``fused-gates-evaluate``
+(``fused_gates.integrations.app.evaluate``), the training run ``fused-gates-train``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from .api import gated_policy_loss, token_logprobs
-from .backend import CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
+from .backend import BACKENDS, CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
 from .gates import available_gates
+from .validation import number_argument
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Argument types: a bad value is an argparse error naming the flag (exit code 2), never a wrong figure or a torch error
 
-
-def number_argument(kind: Callable[[str], Any], check: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
-    """An argparse ``type`` that parses ``kind`` and refuses non-finite values and those failing ``check`` with an
-    error stating ``requirement`` (argparse names the flag and exits 2). The training script's flags use it too."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
 _positive_int = number_argument(int, lambda v: v > 0, "an integer > 0")
 _positive_float = number_argument(float, lambda v: v > 0, "finite and > 0")
-_non_negative_float = number_argument(float, lambda v: v >= 0, "finite and >= 0")
 _epsilon = number_argument(float, lambda v: 0 < v < 1, "in (0, 1): the clip range [1 - eps, 1 + eps] around r = 1")
 _r_max = number_argument(float, lambda v: v > 1, "finite and > 1: the figure spans ratios (0, r-max] around r = 1")
 _group_size = number_argument(int, lambda v: v >= 2, "an integer >= 2 (advantages need a group's spread)")
@@ -121,19 +103,6 @@ def _plot_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.benchmark == "synthetic" and args.dataset_file is None:
-        parser.error("argument --dataset-file: required with --benchmark synthetic (the training run writes "
-                     "synthetic-eval.jsonl in its output folder)")
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from .integrations import evaluate  # needs the trl extra (transformers, datasets)
-
-    evaluate.run(args)
-    return 0
-
-
 def _import_gate_modules(modules: list[str] | None) -> None:
     # A module that calls fused_gates.register_gate on import makes its gates available by name.
     for module in modules or []:
@@ -164,29 +133,6 @@ def _add_plot_runs(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_plot_runs)
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("evaluate", help="benchmark accuracy with answers taken from the <answer> tags",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="model id or folder (the tiny local model's folder works)")
-    parser.add_argument("--benchmark", required=True, choices=["gsm8k", "math500", "aime", "synthetic"],
-                        help="synthetic: the offline training task (with --dataset-file)")
-    parser.add_argument("--dataset-file", help="local JSONL with the Hub dataset's columns instead of the Hub")
-    parser.add_argument("--hub-dataset", help="a Hub dataset with the same columns, e.g. HuggingFaceH4/aime_2024")
-    parser.add_argument("--split", help="dataset split (default: the benchmark's)")
-    parser.add_argument("--limit", type=_positive_int, help="first N problems only")
-    parser.add_argument("--num-samples", type=_positive_int, default=1, help="completions per problem")
-    parser.add_argument("--temperature", type=_non_negative_float, default=0.7,
-                        help="sampling temperature (paper: 0.7; 0: greedy)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, help="default: 512 (synthetic: 16)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (transformers)")
-    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
-                        help="auto: vLLM when installed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label", help="the model's row name in the table (default: --model)")
-    parser.add_argument("--out", default="eval")
-    parser.set_defaults(handler=_evaluate, check=_check_evaluate)
-
-
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="loss, EUR and gradients for a realistic lm_head on random inputs "
                             "(also what runs without a subcommand)",
@@ -199,7 +145,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--gate", default="erf", choices=available_gates())
     parser.add_argument("--tau-pos", type=_positive_float, default=10.0)
     parser.add_argument("--tau-neg", type=_positive_float, default=12.0)
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=_demo, check=_check_demo)
 
@@ -228,7 +174,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_demo(sub)
     _add_plot_gates(sub)
     _add_plot_runs(sub)
-    _add_evaluate(sub)
     return parser, dict(sub.choices)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .gates import GateParameters, available_gates, get_gate
+from .gates import PAPER_GATES, GateParameters, available_gates, get_gate
 
 __all__ = [
     "RUN_METRICS",
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 DEFAULT_TAUS: tuple[float, ...] = (1.0, 5.0, 10.0)  # Figure 1's temperatures
-PAPER_ORDER = ("clip", "sigmoid", "erf", "arctan", "softsign")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Figure 1: gates and derivatives
@@ -96,7 +95,7 @@ def gate_curves(
 
 def _paper_order(names: Sequence[str]) -> list[str]:
     # The built-in gates in the paper's order, then registered ones by name.
-    return [name for name in PAPER_ORDER if name in names] + sorted(set(names) - set(PAPER_ORDER))
+    return [name for name in PAPER_GATES if name in names] + sorted(set(names) - set(PAPER_GATES))
 
 
 def _gate_curve(gate, label: str, ratio: torch.Tensor, sign: float, params: GateParameters) -> GateCurve:

@@ -15,8 +15,8 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
 
-from fused_gates import get_gate, register_gate, unregister_gate
-from fused_gates.integrations.adaptive_gate import (
+from fused_gates import SOFT_GATES, get_gate, register_gate, unregister_gate
+from fused_gates.integrations.trl.adaptive_gate import (
     DEFAULT_MAX_STEP,
     AdaptiveGateCallback,
     EURTemperatureController,
@@ -128,7 +128,7 @@ def test_closed_loop_settles_at_the_target_for_every_soft_gate() -> None:
     ratios = torch.cat([moving, torch.ones(2000, dtype=torch.float64)])  # a third of the tokens never move
     positive = torch.rand(ratios.shape, generator=generator) < 0.5
     rng = random.Random(1)
-    for gate_name in ("sigmoid", "erf", "arctan", "softsign"):
+    for gate_name in SOFT_GATES:
         gate = get_gate(gate_name)
         controller = EURTemperatureController(0.8, 10.0, 12.0)
         history = []
@@ -144,7 +144,7 @@ def test_closed_loop_settles_at_the_target_for_every_soft_gate() -> None:
 # Where it can act
 
 
-@pytest.mark.parametrize("gate", ["sigmoid", "erf", "arctan", "softsign"])
+@pytest.mark.parametrize("gate", SOFT_GATES)
 def test_soft_gates_with_off_policy_updates_can_adapt(gate: str) -> None:
     check_can_adapt(gate, True)
 
@@ -257,9 +257,9 @@ def test_a_callback_without_its_trainer_says_so() -> None:
 
 
 def _trainer(output_dir: Path, max_steps: int):
-    from fused_gates.integrations.data import synthetic_arithmetic
-    from fused_gates.integrations.rewards import answer_reward, format_reward
-    from fused_gates.integrations.tiny_model import build_tiny_model, build_tiny_tokenizer
+    from fused_gates.integrations.app.data import synthetic_arithmetic
+    from fused_gates.integrations.app.rewards import answer_reward, format_reward
+    from fused_gates.integrations.app.tiny_model import build_tiny_model, build_tiny_tokenizer
     from fused_gates.integrations.trl import GatedGRPOConfig, GatedGRPOTrainer
 
     tokenizer = build_tiny_tokenizer()

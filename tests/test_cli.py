@@ -28,12 +28,6 @@ from fused_gates import cli
     pytest.param(["demo", "--tau-pos", "0"], "--tau-pos", id="demo-tau-0"),
     pytest.param(["--vocab", "0"], "--vocab", id="no-subcommand-vocab-0"),
     pytest.param(["plot-runs", "somewhere", "--smooth", "0"], "--smooth", id="plot-runs-smooth-0"),
-    pytest.param(["evaluate", "--model", "m", "--benchmark", "gsm8k", "--num-samples", "0"], "--num-samples",
-                 id="evaluate-no-samples"),
-    pytest.param(["evaluate", "--model", "m", "--benchmark", "gsm8k", "--temperature", "-1"], "--temperature",
-                 id="evaluate-negative-temperature"),
-    pytest.param(["evaluate", "--model", "m", "--benchmark", "synthetic"], "--dataset-file",
-                 id="evaluate-synthetic-without-file"),
 ])
 def test_bad_argument_exits_2_naming_it(argv, named, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -62,4 +56,19 @@ def test_help_is_the_main_help(capsys) -> None:
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "plot-gates" in out and "evaluate" in out
+    assert "plot-gates" in out and "plot-runs" in out
+
+
+def test_the_core_command_line_imports_no_integration() -> None:
+    """The core never imports the integrations (one direction of imports): ``evaluate`` is the application's."""
+    import ast
+    from pathlib import Path
+
+    core = Path(cli.__file__).parent
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            level = getattr(node, "level", 0)
+            for name in names:
+                assert "integrations" not in name.split("."), f"{path.name} imports {'.' * level}{name}"

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fused_gates import cli
-from fused_gates.integrations.evaluate import (
+from fused_gates.integrations.app.evaluate import (
     BENCHMARKS,
     evaluate,
     load_problems,
     score_problem,
     summary_table,
 )
+from fused_gates.integrations.app.evaluate import main as evaluate_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -92,15 +92,15 @@ def test_summary_table_has_table_1s_layout() -> None:
 
 
 def test_evaluate_command_with_a_stub_writes_results_and_merges_summaries(tmp_path: Path, monkeypatch) -> None:
-    from fused_gates.integrations import evaluate as module
+    from fused_gates.integrations.app import evaluate as module
 
     completions = {"gsm8k": [["<answer>18</answer>"], ["<answer>3</answer>"], ["<answer>1</answer>"]],
                    "aime": [["<answer>24</answer>"], ["<answer>0</answer>"], ["<answer>0</answer>"]]}
     for name, texts in completions.items():
         monkeypatch.setattr(module, "make_generator", lambda *args, texts=texts, **kwargs: stub(texts))
-        argv = ["evaluate", "--model", "some/model", "--label", "stub", "--benchmark", name,
+        argv = ["--model", "some/model", "--label", "stub", "--benchmark", name,
                 "--dataset-file", str(fixture(name)), "--out", str(tmp_path)]
-        assert cli.main(argv) == 0
+        assert evaluate_main(argv) == 0
     lines = [json.loads(line) for line in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
     assert [line["correct"] for line in lines] == [[True], [True], [False]]
     assert set(lines[0]) >= {"problem", "reference", "completions", "extracted", "correct"}
@@ -108,13 +108,13 @@ def test_evaluate_command_with_a_stub_writes_results_and_merges_summaries(tmp_pa
 
 
 def test_tiny_model_end_to_end(tmp_path: Path) -> None:
-    from fused_gates.integrations.tiny_model import build_tiny_model, build_tiny_tokenizer, save_tiny
+    from fused_gates.integrations.app.tiny_model import build_tiny_model, build_tiny_tokenizer, save_tiny
 
     tokenizer = build_tiny_tokenizer()
     folder = save_tiny(build_tiny_model(tokenizer), tokenizer, tmp_path / "tiny")
-    argv = ["evaluate", "--model", str(folder), "--benchmark", "aime", "--dataset-file", str(fixture("aime")),
+    argv = ["--model", str(folder), "--benchmark", "aime", "--dataset-file", str(fixture("aime")),
             "--num-samples", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "eval")]
-    assert cli.main(argv) == 0
+    assert evaluate_main(argv) == 0
     lines = [json.loads(line) for line in (tmp_path / "eval" / "aime.jsonl").read_text().splitlines()]
     problems = load_problems(BENCHMARKS["aime"], dataset_file=fixture("aime"))
     assert len(lines) == len(problems) == 3
@@ -141,8 +141,8 @@ def test_synthetic_task_adds_its_column_after_table_1s() -> None:
 
 
 def test_evaluate_command_on_the_synthetic_task_file(tmp_path: Path, monkeypatch) -> None:
-    from fused_gates.integrations import evaluate as module
-    from fused_gates.integrations.data import synthetic_problems, write_synthetic_jsonl
+    from fused_gates.integrations.app import evaluate as module
+    from fused_gates.integrations.app.data import synthetic_problems, write_synthetic_jsonl
 
     path = write_synthetic_jsonl(tmp_path / "synthetic-eval.jsonl", max_operand=4)
     answers = [answer for _, answer in synthetic_problems(4)]
@@ -156,8 +156,21 @@ def test_evaluate_command_on_the_synthetic_task_file(tmp_path: Path, monkeypatch
                      for index, answer in enumerate(answers)])
 
     monkeypatch.setattr(module, "make_generator", make_generator)
-    argv = ["evaluate", "--model", "some/model", "--label", "trained", "--benchmark", "synthetic",
+    argv = ["--model", "some/model", "--label", "trained", "--benchmark", "synthetic",
             "--dataset-file", str(path), "--out", str(tmp_path / "eval")]
-    assert cli.main(argv) == 0
+    assert evaluate_main(argv) == 0
     assert asked["max_new_tokens"] == BENCHMARKS["synthetic"].max_new_tokens == 16
     assert (tmp_path / "eval" / "summary.md").read_text().splitlines()[-1] == "| trained | - | - | - | 50.0 |"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    pytest.param(["--model", "m", "--benchmark", "gsm8k", "--num-samples", "0"], "--num-samples", id="no-samples"),
+    pytest.param(["--model", "m", "--benchmark", "gsm8k", "--temperature", "-1"], "--temperature",
+                 id="negative-temperature"),
+    pytest.param(["--model", "m", "--benchmark", "synthetic"], "--dataset-file", id="synthetic-without-file"),
+])
+def test_bad_argument_exits_2_naming_it(argv, named, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {named}" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fused_gates import cli, unregister_gate
+from fused_gates import SOFT_GATES, cli, unregister_gate
 from fused_gates.plots import (
     describe_gate,
     gate_curves,
@@ -22,7 +22,6 @@ from fused_gates.plots import (
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
-SOFT_GATES = ("sigmoid", "erf", "arctan", "softsign")
 TAUS = (1.0, 5.0, 10.0)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -212,7 +211,7 @@ def test_adaptive_runs_are_labelled_as_such() -> None:
 
 
 def test_toy_study_summary_matches_a_hand_computed_table() -> None:
-    from fused_gates.integrations.toy_study import format_summary, paired_with, read_rows, summarise
+    from fused_gates.integrations.app.toy_study import format_summary, paired_with, read_rows, summarise
 
     rows = read_rows(FIXTURES / "toy_runs.csv")
     options = {"final_window": 2, "threshold": 0.5, "smooth": 2}
@@ -242,7 +241,7 @@ def test_toy_study_summary_matches_a_hand_computed_table() -> None:
 
 
 def test_toy_study_rows_keep_only_the_off_policy_eur() -> None:
-    from fused_gates.integrations.toy_study import collect_rows
+    from fused_gates.integrations.app.toy_study import collect_rows
 
     rows = collect_rows([("erf", 0, RUNS / "erf-run")])
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
@@ -253,7 +252,7 @@ def test_toy_study_rows_keep_only_the_off_policy_eur() -> None:
 
 
 def test_toy_study_figures_are_pngs(tmp_path: Path) -> None:
-    from fused_gates.integrations.toy_study import read_rows, summarise, write_curves, write_paired
+    from fused_gates.integrations.app.toy_study import read_rows, summarise, write_curves, write_paired
 
     rows = read_rows(FIXTURES / "toy_runs.csv")
     assert write_curves(rows, tmp_path / "curves.png", smooth=2, labels={}).read_bytes()[:8] == PNG_MAGIC

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from fused_gates.integrations import rewards
-from fused_gates.integrations.rewards import (
+from fused_gates.integrations.app import rewards
+from fused_gates.integrations.app.rewards import (
     answer_reward,
     extract_answer,
     format_reward,

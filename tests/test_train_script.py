@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_gates.integrations import train_grpo, train_settings
-from fused_gates.integrations.data import (
+from fused_gates import PAPER_GATES
+from fused_gates.integrations.app import settings as train_settings
+from fused_gates.integrations.app import train as train_grpo
+from fused_gates.integrations.app.data import (
     SYSTEM_PROMPT,
     filter_long_prompts,
     load_paper_mixture,
@@ -23,7 +25,7 @@ from fused_gates.integrations.data import (
     synthetic_problems,
     write_synthetic_jsonl,
 )
-from fused_gates.integrations.run_report import (
+from fused_gates.integrations.app.run_report import (
     ANSWER_REWARD,
     FORMAT_REWARD,
     StepMetricsCallback,
@@ -33,7 +35,7 @@ from fused_gates.integrations.run_report import (
     write_metrics_csv,
     write_metrics_plot,
 )
-from fused_gates.integrations.tiny_model import (
+from fused_gates.integrations.app.tiny_model import (
     TAG_TOKENS,
     build_tiny_model,
     build_tiny_tokenizer,
@@ -41,7 +43,7 @@ from fused_gates.integrations.tiny_model import (
     load_tiny,
     save_tiny,
 )
-from fused_gates.integrations.warmup import supervised_warmup, warmup_completion
+from fused_gates.integrations.app.warmup import supervised_warmup, warmup_completion
 
 
 def dry_run(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
@@ -146,7 +148,7 @@ def test_bad_flags_exit_2_naming_them(capsys: pytest.CaptureFixture[str], flags:
     assert named in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("gate", ["clip", "sigmoid", "erf", "arctan", "softsign"])
+@pytest.mark.parametrize("gate", PAPER_GATES)
 def test_builtin_gates_are_accepted(capsys: pytest.CaptureFixture[str], gate: str) -> None:
     assert dry_run(capsys, "--gate", gate)["trainer_args"]["gate"] == gate
 
@@ -303,7 +305,7 @@ def test_synthetic_problems_are_every_distinct_problem_with_its_answer(max_opera
 
 
 def test_synthetic_eval_file_is_read_by_the_evaluator(tmp_path: Path) -> None:
-    from fused_gates.integrations.evaluate import BENCHMARKS, load_problems
+    from fused_gates.integrations.app.evaluate import BENCHMARKS, load_problems
 
     path = write_synthetic_jsonl(tmp_path / "synthetic-eval.jsonl", max_operand=4)
     problems = load_problems(BENCHMARKS["synthetic"], dataset_file=path)
@@ -312,7 +314,7 @@ def test_synthetic_eval_file_is_read_by_the_evaluator(tmp_path: Path) -> None:
 
 
 def test_warmup_template_is_fully_formatted_and_carries_the_answer() -> None:
-    from fused_gates.integrations.rewards import extract_answer, format_score
+    from fused_gates.integrations.app.rewards import extract_answer, format_score
 
     for filler in ([], ["I"], ["so", "think"]):
         text = warmup_completion("7", filler)
@@ -343,7 +345,7 @@ def test_warmup_lowers_the_completion_loss_and_is_deterministic() -> None:
 
 
 def test_warmup_trains_only_on_the_completion() -> None:
-    from fused_gates.integrations.warmup import _batch
+    from fused_gates.integrations.app.warmup import _batch
 
     tokenizer = build_tiny_tokenizer()
     completions = [warmup_completion("3", ["so"]), warmup_completion("5", ["I"])]

@@ -17,8 +17,8 @@ import trl_fixtures as fixtures  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
-from fused_gates.integrations.fused_head import add_gated_head, logit_scale, logit_transform  # noqa: E402
 from fused_gates.integrations.trl import GatedGRPOConfig, GatedGRPOTrainer  # noqa: E402
+from fused_gates.integrations.trl.fused_head import add_gated_head, logit_scale, logit_transform  # noqa: E402
 
 TEMPERATURE = 0.7
 

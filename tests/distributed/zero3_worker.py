@@ -17,7 +17,7 @@ from deepspeed.utils import safe_get_full_grad
 from zero3_model import batch_for_rank, loss_options, tiny_causal_lm
 
 from fused_gates import gated_policy_loss
-from fused_gates.integrations.fused_head import LogitTransform, add_gated_head
+from fused_gates.integrations.trl.fused_head import LogitTransform, add_gated_head
 
 
 def main(out_path: str) -> None:

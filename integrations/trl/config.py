@@ -26,12 +26,12 @@ temperatures for a gate without one (clip, cispo, vespo), and the adaptive tempe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .. import get_gate
+from fused_gates import BACKENDS, NONFINITE_POLICIES, POLICY_OBJECTIVES, get_gate
+from fused_gates.validation import check_number
 
 TRL_OBJECTIVES: dict[str, tuple[str, str]] = {
     "grpo": ("clip", "grpo"),
@@ -45,10 +45,7 @@ TRL_OBJECTIVES: dict[str, tuple[str, str]] = {
 }
 """TRL 1.16 ``loss_type`` -> (gate, aggregation) of :func:`fused_gates.gated_policy_loss`."""
 
-UNTEMPERED_GATES = ("clip", "cispo", "vespo")
-DETACHED_WEIGHT_OBJECTIVES = ("cispo", "vespo")
-GATE_BACKENDS = ("auto", "torch", "triton")
-ON_NONFINITE = ("raise", "zero", "propagate")
+DETACHED_WEIGHT_OBJECTIVES = POLICY_OBJECTIVES  # a detached weight times the log-probability: no ratio function
 
 
 @dataclass
@@ -119,8 +116,13 @@ class GateObjective:
         return self.aggregation != "dapo"
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+def _number_problem(name: str, value: object, **bounds: object) -> list[str]:
+    """``[]`` when ``value`` passes :func:`fused_gates.validation.check_number`, else its message."""
+    try:
+        check_number(name, value, **bounds)
+    except (TypeError, ValueError) as error:
+        return [str(error)]
+    return []
 
 
 def resolve_objective(args: GatedGRPOConfig) -> GateObjective:
@@ -142,41 +144,46 @@ def resolve_objective(args: GatedGRPOConfig) -> GateObjective:
                             f"loss_type='dapo' for the same aggregation with gate={args.gate!r}")
     if args.delta is not None and gate != "clip":
         problems.append(f"delta caps the unclipped term of the clipped objective; gate={gate!r} has none")
-    tempered = gate not in UNTEMPERED_GATES
+    tempered = _has_temperature(gate)
     tau_pos = args.sapo_temperature_pos if args.gate_tau_pos is None else args.gate_tau_pos
     tau_neg = args.sapo_temperature_neg if args.gate_tau_neg is None else args.gate_tau_neg
     if tempered:
         for name, given, value in (("gate_tau_pos", args.gate_tau_pos, tau_pos),
                                    ("gate_tau_neg", args.gate_tau_neg, tau_neg)):
-            source = name if given is not None else name.replace("gate_tau", "sapo_temperature")
-            if not _positive(value):
-                problems.append(f"{source} must be finite and > 0, got {value!r}")
+            problems += _number_problem(name if given is not None else name.replace("gate_tau", "sapo_temperature"),
+                                        value)
     else:
         for name in ("gate_tau_pos", "gate_tau_neg"):
             if getattr(args, name) is not None:
                 problems.append(f"{name}: gate {gate!r} has no temperature")
-    if args.gate_backend not in GATE_BACKENDS:
-        problems.append(f"gate_backend={args.gate_backend!r}; choose one of {', '.join(GATE_BACKENDS)}")
-    if args.gate_memory_budget_mb is not None and not _positive(args.gate_memory_budget_mb):
-        problems.append(f"gate_memory_budget_mb must be finite and > 0, got {args.gate_memory_budget_mb!r}")
-    if args.gate_on_nonfinite not in ON_NONFINITE:
-        problems.append(f"gate_on_nonfinite={args.gate_on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}")
+    if args.gate_backend not in BACKENDS:
+        problems.append(f"gate_backend={args.gate_backend!r}; choose one of {', '.join(BACKENDS)}")
+    if args.gate_memory_budget_mb is not None:
+        problems += _number_problem("gate_memory_budget_mb", args.gate_memory_budget_mb)
+    if args.gate_on_nonfinite not in NONFINITE_POLICIES:
+        problems.append(f"gate_on_nonfinite={args.gate_on_nonfinite!r}; choose one of "
+                        f"{', '.join(NONFINITE_POLICIES)}")
     problems += _adaptive_problems(args)
     if problems:
         raise ValueError("GatedGRPOConfig: this configuration has no meaning:\n- " + "\n- ".join(problems))
     return GateObjective(gate, aggregation, tau_pos if tempered else None, tau_neg if tempered else None)
 
 
+def _has_temperature(gate: str) -> bool:
+    try:
+        return get_gate(gate).has_temperature
+    except (ValueError, TypeError):  # an unknown gate: refused above
+        return False
+
+
 def _adaptive_problems(args: GatedGRPOConfig) -> list[str]:
     settings = {name: getattr(args, name) for name in ("gate_eur_rate", "gate_tau_min", "gate_tau_max")}
     if args.gate_eur_target is None:
         return [f"{name} is set without gate_eur_target" for name, value in settings.items() if value is not None]
-    problems = []
-    target = args.gate_eur_target
-    if not (_positive(target) and target <= 1):
-        problems.append(f"gate_eur_target must lie in (0, 1], got {target!r}")
-    problems += [f"{name} must be finite and > 0, got {value!r}" for name, value in settings.items()
-                 if value is not None and not _positive(value)]
+    problems = _number_problem("gate_eur_target", args.gate_eur_target, maximum=1.0)
+    for name, value in settings.items():
+        if value is not None:
+            problems += _number_problem(name, value)
     if not problems and None not in (args.gate_tau_min, args.gate_tau_max) and args.gate_tau_min >= args.gate_tau_max:
         problems.append(f"gate_tau_min ({args.gate_tau_min}) must be < gate_tau_max ({args.gate_tau_max})")
     return problems

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import GatedPolicyLossOutput
-from .trl_config import GateObjective
+from fused_gates import GatedPolicyLossOutput
+
+from .config import GateObjective
 
 MetricStore = MutableMapping[str, list[float]]
 

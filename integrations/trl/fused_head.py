@@ -26,7 +26,6 @@ that is ``logit_softcap = c / s`` and ``temperature = T / s`` (:func:`logit_tran
 from __future__ import annotations
 
 import functools
-import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ import transformers
 from packaging.version import Version
 from torch import Tensor, nn
 
-from .. import token_logprobs
+from fused_gates import token_logprobs
+from fused_gates.validation import check_number, is_number
 
 try:
     from torch.distributed.tensor import DTensor
@@ -87,12 +87,12 @@ def logit_transform(config: Any, temperature: float) -> LogitTransform:
     """The core's temperature and soft-cap for a model with this config, sampled at ``temperature``."""
     scale = logit_scale(config)
     model_type = config.get_text_config().model_type
-    if not (math.isfinite(scale) and scale > 0):
+    if not is_number(scale):
         raise ValueError(f"model type {model_type!r} scales its logits by {scale}; the fused head needs a finite "
                          "scale > 0")
     softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"model type {model_type!r}: final_logit_softcapping must be finite and > 0, got {softcap}")
+    if softcap is not None:
+        check_number(f"model type {model_type!r}: final_logit_softcapping", softcap)
     return LogitTransform(temperature=temperature / scale, logit_softcap=None if softcap is None else softcap / scale)
 
 

@@ -1,7 +1,7 @@
 """The toy gate study: the training script's offline default for GRPO's clip, the four soft gates and erf with an
 adaptive temperature, several seeds each, summarised per gate and paired against clip.
 
-    python -m fused_gates.integrations.toy_study --seeds 5 --out docs/toy-study
+    python -m fused_gates.integrations.app.toy_study --seeds 5 --out docs/toy-study
 
 For each seed k it warms the tiny model up once (``<runs-dir>/initial-seed<k>``, the offline default's warm-up; every
 gate of seed k starts RL from this same model, data and sampling seed), then trains, one after the other:
@@ -82,8 +82,8 @@ RUN_COLUMNS = (
 
 def initial_model(seed: int, runs_dir: Path) -> Path:
     """The offline default's warmed-up tiny model for ``seed``, built once and shared by every gate of the seed."""
-    from .train_grpo import prepare_tiny_policy
-    from .train_settings import resolve_settings
+    from .settings import resolve_settings
+    from .train import prepare_tiny_policy
 
     settings = resolve_settings(["--seed", str(seed), "--output-dir", str(runs_dir / f"initial-seed{seed}")])
     return prepare_tiny_policy(settings, runs_dir / f"initial-seed{seed}")
@@ -91,8 +91,8 @@ def initial_model(seed: int, runs_dir: Path) -> Path:
 
 def run_one(gate: StudyGate, seed: int, runs_dir: Path) -> Path:
     """Trains one run with the offline preset (skipped when its ``metrics.csv`` exists); returns its folder."""
-    from . import train_grpo
-    from .train_settings import resolve_settings
+    from . import train
+    from .settings import resolve_settings
 
     folder = runs_dir / f"{gate.name}-seed{seed}"
     if (folder / "metrics.csv").is_file():
@@ -101,7 +101,7 @@ def run_one(gate: StudyGate, seed: int, runs_dir: Path) -> Path:
     settings = resolve_settings(["--preset", "offline", "--model", str(start), "--sft-steps", "0", *gate.flags,
                                  "--seed", str(seed), "--output-dir", str(folder)])
     began = time.perf_counter()
-    train_grpo.train(settings)
+    train.train(settings)
     print(f"[toy study] {folder.name}: {time.perf_counter() - began:.0f} s", flush=True)
     return folder
 

@@ -18,12 +18,16 @@ synthetic task.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from fused_gates.validation import number_argument
 
 from .rewards import answers_match, extract_answer, ground_truth_answer
 
@@ -33,8 +37,10 @@ __all__ = [
     "Problem",
     "ProblemResult",
     "TransformersGenerator",
+    "build_parser",
     "evaluate",
     "load_problems",
+    "main",
     "score_problem",
     "summary_table",
 ]
@@ -289,7 +295,7 @@ def summary_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def run(args: Any, generate: Callable[[Sequence[str], int], list[list[str]]] | None = None) -> float:
-    """The ``fused-gates evaluate`` command (``generate`` replaces the model, for tests)."""
+    """The ``fused-gates-evaluate`` command (``generate`` replaces the model, for tests)."""
     benchmark = BENCHMARKS[args.benchmark]
     problems = load_problems(benchmark, dataset_file=args.dataset_file, hub_dataset=args.hub_dataset,
                              split=args.split, limit=args.limit)
@@ -310,3 +316,53 @@ def run(args: Any, generate: Callable[[Sequence[str], int], list[list[str]]] | N
           f"(temperature {args.temperature:g}); wrote {out}")
     print(table)
     return accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+_positive_int = number_argument(int, lambda v: v > 0, "an integer > 0")
+_non_negative_float = number_argument(float, lambda v: v >= 0, "finite and >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-gates-evaluate",
+                                     description="Benchmark accuracy with answers taken from the <answer> tags.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="model id or folder (the tiny local model's folder works)")
+    parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS),
+                        help="synthetic: the offline training task (with --dataset-file)")
+    parser.add_argument("--dataset-file", help="local JSONL with the Hub dataset's columns instead of the Hub")
+    parser.add_argument("--hub-dataset", help="a Hub dataset with the same columns, e.g. HuggingFaceH4/aime_2024")
+    parser.add_argument("--split", help="dataset split (default: the benchmark's)")
+    parser.add_argument("--limit", type=_positive_int, help="first N problems only")
+    parser.add_argument("--num-samples", type=_positive_int, default=1, help="completions per problem")
+    parser.add_argument("--temperature", type=_non_negative_float, default=PAPER_TEMPERATURE,
+                        help="sampling temperature (paper: 0.7; 0: greedy)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, help="default: 512 (synthetic: 16)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (transformers)")
+    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                        help="auto: vLLM when installed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", help="the model's row name in the table (default: --model)")
+    parser.add_argument("--out", default="eval")
+    return parser
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.benchmark == "synthetic" and args.dataset_file is None:
+        parser.error("argument --dataset-file: required with --benchmark synthetic (the training run writes "
+                     "synthetic-eval.jsonl in its output folder)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None,
+         generate: Callable[[Sequence[str], int], list[list[str]]] | None = None) -> int:
+    run(parse_arguments(argv), generate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,6 +39,9 @@ from typing import Any, Protocol
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from fused_gates import SOFT_GATES, get_gate
+from fused_gates.validation import check_number
+
 __all__ = [
     "DEFAULT_MAX_STEP",
     "DEFAULT_RATE",
@@ -47,7 +50,6 @@ __all__ = [
     "AdaptiveGateCallback",
     "EURTemperatureController",
     "check_can_adapt",
-    "has_temperature",
 ]
 
 DEFAULT_RATE = 0.25
@@ -56,12 +58,6 @@ DEFAULT_TAU_MAX = 1000.0
 DEFAULT_MAX_STEP = math.log(2.0)  # at most a doubling or halving of tau per optimiser step
 # EUR is a float32 mean of values in [0, 1]; allow its rounding, refuse anything else.
 _EUR_SLACK = 1e-5
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class EURTemperatureController:
@@ -79,19 +75,13 @@ class EURTemperatureController:
     def __init__(self, target: float, tau_pos: float, tau_neg: float, *, rate: float = DEFAULT_RATE,
                  tau_min: float = DEFAULT_TAU_MIN, tau_max: float = DEFAULT_TAU_MAX,
                  max_step: float = DEFAULT_MAX_STEP) -> None:
-        self.target = _finite("target", target)
-        if not 0.0 < self.target < 1.0:
-            raise ValueError(f"target (the EUR to reach) must be in (0, 1), got {target}")
-        self.rate = _finite("rate", rate)
-        if not 0.0 < self.rate <= 1.0:
-            raise ValueError(f"rate must be in (0, 1], got {rate}")
-        self.max_step = _finite("max_step", max_step)
-        if not self.max_step > 0.0:
-            raise ValueError(f"max_step must be > 0, got {max_step}")
-        self.tau_min, self.tau_max = _finite("tau_min", tau_min), _finite("tau_max", tau_max)
-        if not 0.0 < self.tau_min < self.tau_max:
+        self.target = check_number("target", target, maximum=1.0, allow_maximum=False)  # the EUR to reach
+        self.rate = check_number("rate", rate, maximum=1.0)
+        self.max_step = check_number("max_step", max_step)
+        self.tau_min, self.tau_max = check_number("tau_min", tau_min), check_number("tau_max", tau_max)
+        if not self.tau_min < self.tau_max:
             raise ValueError(f"tau_min and tau_max must satisfy 0 < tau_min < tau_max, got {tau_min}, {tau_max}")
-        self.base_tau_pos, self.base_tau_neg = _finite("tau_pos", tau_pos), _finite("tau_neg", tau_neg)
+        self.base_tau_pos, self.base_tau_neg = check_number("tau_pos", tau_pos), check_number("tau_neg", tau_neg)
         for name, value in (("tau_pos", self.base_tau_pos), ("tau_neg", self.base_tau_neg)):
             if not self.tau_min <= value <= self.tau_max:
                 raise ValueError(f"{name} = {value} lies outside [tau_min, tau_max] = [{self.tau_min}, {self.tau_max}]")
@@ -114,9 +104,8 @@ class EURTemperatureController:
         none, nothing changes). Returns the new ``(tau_pos, tau_neg)``."""
         if off_policy_eur is None:
             return self.tau_pos, self.tau_neg
-        eur = _finite("off_policy_eur", off_policy_eur)
-        if not -_EUR_SLACK <= eur <= 1.0 + _EUR_SLACK:
-            raise ValueError(f"off_policy_eur must be in [0, 1], got {off_policy_eur}")
+        eur = check_number("off_policy_eur", off_policy_eur, minimum=-_EUR_SLACK, allow_minimum=True,
+                           maximum=1.0 + _EUR_SLACK)
         step = self.rate * (min(max(eur, 0.0), 1.0) - self.target) / (2.0 * (1.0 - self.target))
         step = min(max(step, -self.max_step), self.max_step)
         self.log_scale = min(max(self.log_scale + step, self._log_scale_min), self._log_scale_max)
@@ -132,9 +121,8 @@ class EURTemperatureController:
         missing = {"tau_pos", "tau_neg", "updates"} - set(state)
         if missing:
             raise ValueError(f"controller state lacks {', '.join(sorted(missing))}")
-        tau_pos, tau_neg = _finite("state['tau_pos']", state["tau_pos"]), _finite("state['tau_neg']", state["tau_neg"])
-        if not tau_pos > 0 or not tau_neg > 0:
-            raise ValueError(f"saved temperatures must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+        tau_pos = check_number("state['tau_pos']", state["tau_pos"])
+        tau_neg = check_number("state['tau_neg']", state["tau_neg"])
         ratio, saved_ratio = self.base_tau_neg / self.base_tau_pos, tau_neg / tau_pos
         if not math.isclose(ratio, saved_ratio, rel_tol=1e-9):
             raise ValueError(f"saved temperatures have tau_neg / tau_pos = {saved_ratio:g}; this controller keeps "
@@ -156,7 +144,6 @@ class EURTemperatureController:
 # Where the controller can act
 
 
-_KNOWN_SOFT_GATES = ("sigmoid", "erf", "arctan", "softsign")
 # Ratios on both sides of 1 and temperatures across the controller's default range: a custom gate qualifies when
 # its f'(r) does not rise with tau at any of them and falls somewhere.
 _PROBE_RATIOS = (0.25, 0.5, 0.8, 0.95, 0.99, 1.01, 1.05, 1.25, 2.0, 4.0)
@@ -174,28 +161,20 @@ def check_can_adapt(gate: str, has_off_policy_updates: bool) -> None:
       EUR is 1 whatever tau is, and there is nothing to control. A sampler's importance-sampling correction does not
       change that: it weights the policy term, the gate still sees a ratio of 1.
     """
-    from fused_gates import get_gate
-
     try:
         resolved = get_gate(gate)
     except (KeyError, ValueError, TypeError) as error:
         raise ValueError(f"adaptive gate temperature: {error}") from None
-    if not has_temperature(resolved):
+    if not resolved.has_temperature:
         raise ValueError(f"adaptive gate temperature (gate_eur_target) needs a gate with a temperature; "
                          f"gate={resolved.name!r} has none: use sigmoid, erf, arctan, softsign or a registered "
                          "soft gate")
-    if resolved.name not in _KNOWN_SOFT_GATES:
+    if resolved.name not in SOFT_GATES:  # the built-in soft gates qualify by construction
         _check_derivative_falls_with_tau(resolved)
     if not has_off_policy_updates:
         raise ValueError("adaptive gate temperature (gate_eur_target) needs off-policy updates: with num_iterations=1 "
                          "and each generation batch used within one optimiser step every ratio is exactly 1, so EUR "
                          "is 1 whatever the temperature; set num_iterations >= 2")
-
-
-def has_temperature(gate: Any) -> bool:
-    """Whether a gate (``fused_gates.get_gate``'s object) takes tau: not clip (set by epsilon), nor the detached-weight
-    objectives cispo and vespo."""
-    return not any(getattr(gate, flag, False) for flag in ("is_clip", "is_cispo", "is_vespo"))
 
 
 def _check_derivative_falls_with_tau(gate: Any) -> None:

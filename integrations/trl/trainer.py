@@ -1,7 +1,7 @@
 """TRL drop-in: :class:`GatedGRPOTrainer`, a ``trl.GRPOTrainer`` whose policy loss is :func:`gated_policy_loss`.
 
 Swap ``GRPOConfig`` for :class:`GatedGRPOConfig` and ``GRPOTrainer`` for :class:`GatedGRPOTrainer`: without ``gate``
-the training is TRL 1.16's for every ``loss_type`` and option (the mapping is in :mod:`.trl_config`), with the loss
+the training is TRL 1.16's for every ``loss_type`` and option (the mapping is in :mod:`.config`), with the loss
 computed from the last hidden states and the lm_head without materialising the completion logits.
 
 How it runs. TRL installs its fused LM head on the policy (PEFT's base model) and the reference model while it builds
@@ -16,7 +16,7 @@ from :func:`token_logprobs`, and the training loss runs inside the model's forwa
 - the entropy bonus, ``use_adaptive_entropy`` (window statistics, controller state and checkpoint file as TRL's),
   the vLLM importance-sampling ratio, ``off_policy_mask_threshold``, the KL term and the MoE router loss (added,
   divided for gradient accumulation and logged as ``aux_loss``) are applied as TRL 1.16 applies them;
-- the metrics are TRL's, by TRL's cross-process rules, plus the gate's (:mod:`.trl_metrics`).
+- the metrics are TRL's, by TRL's cross-process rules, plus the gate's (:mod:`.metrics`).
 
 Off-policy micro-batches. A micro-batch is off-policy when at least one optimiser step has been taken since its
 generation batch was sampled (the second and later of ``num_iterations``, or a later optimiser step of a generation
@@ -29,7 +29,6 @@ returns the off-policy EUR for the adaptive gate temperature (``gate_eur_target`
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,10 +37,12 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .. import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
+from fused_gates import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
+from fused_gates.validation import check_number
+
+from .config import GatedGRPOConfig, GateObjective, resolve_objective
 from .fused_head import LogitTransform, add_gated_head, is_patched, logit_transform
-from .trl_config import GatedGRPOConfig, GateObjective, resolve_objective
-from .trl_metrics import LossMetrics, MetricSettings
+from .metrics import LossMetrics, MetricSettings
 
 __all__ = ["GatedGRPOConfig", "GatedGRPOTrainer", "add_gated_head"]
 
@@ -125,11 +126,7 @@ class GatedGRPOTrainer(GRPOTrainer):
         """The gate temperatures of every later loss call."""
         if not self._objective.tempered:
             raise ValueError(f"gate {self._objective.gate!r} has no temperature")
-        for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                     and value > 0):
-                raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-        self._gate_temperatures = (float(tau_pos), float(tau_neg))
+        self._gate_temperatures = (check_number("tau_pos", tau_pos), check_number("tau_neg", tau_neg))
 
     @property
     def gate_temperatures(self) -> tuple[float | None, float | None]:
