@@ -8,7 +8,7 @@
 Implementations: ours (``backend="auto"``: Triton on CUDA, torch on CPU; ``fused_gates_torch`` forces the torch
 backend; ``fused_gates_budget<M>`` sets ``memory_budget_mb=M``; the no-grad ``fused_gates_dot`` /
 ``fused_gates_cublas`` pick the Triton backend's statistics kernel through ``token_logprobs``'
-``statistics_method`` option where the installed version has it), the naive materialised-logits version, TRL 1.16's
+``statistics_method`` option), the naive materialised-logits version, TRL 1.16's
 ``ChunkedLogProbFunction`` + TRL's SAPO formula (on CUDA over the valid tokens only, as TRL's trainer calls it on
 Triton devices), Liger-Kernel's ``LigerFusedLinearGRPOLoss(loss_type="sapo")`` (training only: it has no
 log-prob-only entry point), PyTorch's chunked ``linear_cross_entropy`` (its per-token loss is ``-logp``) + the same
@@ -19,8 +19,8 @@ implementation cannot run here, if any.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
-import inspect
 import math
 import os
 from collections.abc import Callable
@@ -29,16 +29,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fused_gates import PAPER_GATES
+
 TAU_POS, TAU_NEG = 1.0, 1.05
 EPSILON = 0.2  # clip gate: epsilon_low = epsilon_high
-GATES = ("clip", "sigmoid", "erf", "arctan", "softsign")
+GATES = PAPER_GATES
 # TRL 1.16's trainer passes trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (vocabulary tile width); importing that
 # module pulls in transformers, so the value is repeated here
 TRL_CHUNK_SIZE = 32768
 # The budget curve of the training step (MiB of working buffers); the default budget is the plain fused_gates row.
 BUDGETS_MB = (256, 512, 1024, 2048, 4096)
 # token_logprobs' choice of the Triton no-grad kernel: one tl.dot pass, or cuBLAS chunks + a row-statistics kernel
-STATISTICS_METHOD_PARAMETER = "statistics_method"
 STATISTICS_METHODS = {"fused_gates_dot": "dot", "fused_gates_cublas": "cublas"}
 
 
@@ -167,10 +168,6 @@ def ours_torch(case: Case, gate: str = "sigmoid", memory_budget_mb: float | None
     return _ours(case, gate, "torch", memory_budget_mb)
 
 
-def ours_triton(case: Case, gate: str = "sigmoid", memory_budget_mb: float | None = None) -> Tensor:
-    return _ours(case, gate, "triton", memory_budget_mb)
-
-
 def ours_at_budget(memory_budget_mb: float) -> Callable[..., Tensor]:
     """``fused_gates`` (backend auto) with ``memory_budget_mb`` of working buffers: a point of the budget curve."""
 
@@ -273,23 +270,12 @@ def ours_torch_logprobs(case: Case, memory_budget_mb: float | None = None) -> Te
     return ours_logprobs(case, "torch", memory_budget_mb)
 
 
-@torch.no_grad()
-def ours_triton_logprobs(case: Case, memory_budget_mb: float | None = None) -> Tensor:
-    return ours_logprobs(case, "triton", memory_budget_mb)
-
-
 def _ours_statistics_method(name: str) -> Callable[[Case], Tensor]:
     @torch.no_grad()
     def forward(case: Case) -> Tensor:
-        return ours_logprobs(case, "triton", **{STATISTICS_METHOD_PARAMETER: STATISTICS_METHODS[name]})
+        return ours_logprobs(case, "triton", statistics_method=STATISTICS_METHODS[name])
 
     return forward
-
-
-def statistics_method_available() -> bool:
-    from fused_gates import token_logprobs
-
-    return STATISTICS_METHOD_PARAMETER in inspect.signature(token_logprobs).parameters
 
 
 @torch.no_grad()
@@ -354,14 +340,8 @@ def unavailable(name: str, mode: str, device: str) -> str | None:
         return f"{name} is a {'no-grad' if mode == 'fwd_bwd' else 'training'} row only"
     if name == "fused_gates_torch" and device == "cpu":
         return "fused_gates_torch: backend='auto' already is the torch backend on CPU (the fused_gates row)"
-    if name in STATISTICS_METHODS:
-        if device != "cuda" and not _interpreted():
-            return f"{name}: the Triton statistics kernels need CUDA (or TRITON_INTERPRET=1)"
-        if not statistics_method_available():
-            import fused_gates
-
-            return (f"{name}: token_logprobs of fused_gates {fused_gates.__version__} has no "
-                    f"{STATISTICS_METHOD_PARAMETER!r} option, so the no-grad kernel cannot be chosen")
+    if name in STATISTICS_METHODS and device != "cuda" and not _interpreted():
+        return f"{name}: the Triton statistics kernels need CUDA (or TRITON_INTERPRET=1)"
     module = REQUIRED_MODULE.get(name)
     if module is not None and importlib.util.find_spec(module) is None:
         return f"{name} needs the '{module}' package (pip install -e '.[bench]')"
@@ -370,6 +350,14 @@ def unavailable(name: str, mode: str, device: str) -> str | None:
     ):
         return f"{name}: torch {torch.__version__} has no chunked torch.nn.functional.linear_cross_entropy"
     return None
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (None: not installed), for the rows' ``versions``."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _interpreted() -> bool:

@@ -27,8 +27,6 @@ BASELINES = {"floor": "x floor", "naive_torch": "x naive", "trl_chunked_logprob"
 MODE_TITLES = {"fwd_bwd": "Forward + backward (training step)", "forward": "Forward only (no-grad log-probs)"}
 E2E_MODE = "grpo_step"
 FLOOR_TEXT = {"fwd_bwd": "three GEMMs, 3 x 2 N H V flops", "forward": "one GEMM, 2 N H V flops"}
-# names of the first CPU results, before the floor covered both modes
-LEGACY_NAMES = {"floor_3_gemms": "floor"}
 
 
 def load(data: dict) -> list[dict]:
@@ -36,7 +34,7 @@ def load(data: dict) -> list[dict]:
     for bench in data["benchmarks"]:
         extra = dict(bench.get("extra_info", {}))
         name = extra.get("implementation") or (bench.get("params") or {}).get("name") or bench["name"]
-        extra["implementation"] = LEGACY_NAMES.get(name, name)
+        extra["implementation"] = name
         extra.setdefault("mode", "fwd_bwd")
         extra.setdefault("gate", "sigmoid")
         extra.setdefault("model", f"H={extra.get('hidden', '?')}")

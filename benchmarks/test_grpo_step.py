@@ -21,7 +21,6 @@ activations) and ``peak_extra_bytes`` (that minus what was allocated before the 
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import importlib.util
 import math
 import os
@@ -29,6 +28,7 @@ import tempfile
 
 import pytest
 import torch
+from head_impls import installed_version
 
 DEVICE = os.environ.get("FUSED_GATES_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE == "cuda"
@@ -129,13 +129,6 @@ def _gradient_norm(model) -> float:
     return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _measure(benchmark, name: str, batch: dict) -> tuple[tuple[float, float], int | None, int | None]:
     """Builds the trainer, takes the untimed first step (compilation, autotuning, optimiser state; its loss and
     gradient norm are the check), then times ``ROUNDS`` steps. Returns the check values and the CUDA peak / base."""
@@ -190,7 +183,7 @@ def test_grpo_step(benchmark, name: str) -> None:
         "peak_bytes": peak, "peak_extra_bytes": None if peak is None else peak - before, "check": check,
         "device_name": torch.cuda.get_device_name() if CUDA else "cpu", "compared_with": sorted(others),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {d: _version(d) for d in ("torch", "triton", "transformers", "trl", "fused-gates")},
+        "versions": {d: installed_version(d) for d in ("torch", "triton", "transformers", "trl", "fused-gates")},
     })
     if isinstance(check, str):
         pytest.fail(check)

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -67,6 +66,7 @@ from head_impls import (
     GATES,
     STATISTICS_METHODS,
     Case,
+    installed_version,
     make_case,
     naive_bytes,
     policy_loss,
@@ -179,13 +179,6 @@ def _params(mode: str) -> list:
     return [pytest.param(row, id=row.id) for row in ROWS if row.mode == mode]
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _device_name() -> str:
     if CUDA:
         return torch.cuda.get_device_name()
@@ -199,7 +192,7 @@ def _device_name() -> str:
     return "cpu"
 
 
-VERSIONS = {dist: _version(dist) for dist in ("torch", "triton", "trl", "liger-kernel", "fused-gates")}
+VERSIONS = {dist: installed_version(dist) for dist in ("torch", "triton", "trl", "liger-kernel", "fused-gates")}
 
 
 @functools.lru_cache(maxsize=2)  # the shapes of one mode come in order; two keep the CPU sweep's N = 512 inputs
