@@ -3,8 +3,7 @@ Gate Functions in SAPO") from last hidden states and the lm_head, without materi
 
 from .admissibility import GateAdmissibilityError, check_admissible
 from .api import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
-from .arguments import NONFINITE_POLICIES
-from .backend import BACKENDS
+from .backends import BACKENDS
 from .gates import (
     PAPER_GATES,
     POLICY_OBJECTIVES,
@@ -17,6 +16,7 @@ from .gates import (
     unregister_gate,
 )
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from .options import NONFINITE_POLICIES, HeadOptions, LossOptions
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,8 @@ __all__ = [
     "GateAdmissibilityError",
     "GateParameters",
     "GatedPolicyLossOutput",
+    "HeadOptions",
+    "LossOptions",
     "available_gates",
     "check_admissible",
     "gated_policy_loss",

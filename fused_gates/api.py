@@ -7,19 +7,21 @@ outputs and metrics (:mod:`~fused_gates.metrics`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .arguments import check_choice, check_head_arguments, check_loss_arguments
-from .backend import BACKENDS, STATISTICS_METHODS, HeadSpec, resolve_backend
+from .arguments import check_batch, check_loss_arguments
+from .backends import resolve_backend
 from .function import GatedPolicyLossFunction
 from .gates import Gate
 from .metrics import loss_metrics, nonfinite_tokens
+from .options import HeadOptions, LossOptions
 from .tokens import plan_logprob_tokens, plan_loss_tokens
 
-__all__ = ["BACKENDS", "GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
+__all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
+L, H = LossOptions, HeadOptions  # the defaults below are the options objects' own
 
 
 @dataclass
@@ -53,34 +55,34 @@ def gated_policy_loss(
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     *,
-    gate: str | Gate = "sigmoid",
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    vespo_k: tuple[float, float] | None = None,
-    vespo_lambda: tuple[float, float] | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | Tensor | None = None,
-    importance_sampling_level: str = "token",
-    beta: float = 0.0,
-    use_bias_correction_kl: bool = False,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    entropy_coef: float = 0.0,
-    bias: Tensor | None = None,
-    sampling_ratio: Tensor | None = None,
-    entropy_mask: Tensor | None = None,
-    off_policy_mask_threshold: float | None = None,
-    sampling_logprobs: Tensor | None = None,
-    group_size: int | None = None,
-    group_ids: Tensor | None = None,
-    on_nonfinite: str = "raise",
-    process_group: object | None = None,
-    backend: str = "auto",
-    memory_budget_mb: float | None = None,
+    gate: str | Gate = L.gate,
+    tau_pos: float = L.tau_pos,
+    tau_neg: float = L.tau_neg,
+    epsilon_low: float = L.epsilon_low,
+    epsilon_high: float | None = L.epsilon_high,
+    delta: float | None = L.delta,
+    vespo_k: tuple[float, float] | None = L.vespo_k,
+    vespo_lambda: tuple[float, float] | None = L.vespo_lambda,
+    loss_type: str = L.loss_type,
+    max_completion_length: int | None = L.max_completion_length,
+    num_items_in_batch: int | float | Tensor | None = L.num_items_in_batch,
+    importance_sampling_level: str = L.importance_sampling_level,
+    beta: float = L.beta,
+    use_bias_correction_kl: bool = L.use_bias_correction_kl,
+    temperature: float = H.temperature,
+    logit_softcap: float | None = H.logit_softcap,
+    entropy_coef: float = L.entropy_coef,
+    bias: Tensor | None = H.bias,
+    sampling_ratio: Tensor | None = L.sampling_ratio,
+    entropy_mask: Tensor | None = L.entropy_mask,
+    off_policy_mask_threshold: float | None = L.off_policy_mask_threshold,
+    sampling_logprobs: Tensor | None = L.sampling_logprobs,
+    group_size: int | None = L.group_size,
+    group_ids: Tensor | None = L.group_ids,
+    on_nonfinite: str = H.on_nonfinite,
+    process_group: object | None = H.process_group,
+    backend: str = H.backend,
+    memory_budget_mb: float | None = H.memory_budget_mb,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -150,8 +152,8 @@ def gated_policy_loss(
             loss, per-token outputs and metrics, the full ``hidden`` gradient, and its slice's ``weight`` / ``bias``
             gradient. A DTensor ``weight`` sharded on dimension 0 over a 1-D mesh needs no group (its mesh's is
             used) and gets a DTensor gradient. See :mod:`fused_gates.vocab_parallel` for the communication.
-        memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU, 768 MiB on CUDA); sets
-            the token chunk size.
+        memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU; on CUDA 10% of the free
+            memory within [256, 1792] MiB: :mod:`fused_gates.chunk_driver`); sets the token chunk size.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -160,30 +162,21 @@ def gated_policy_loss(
 
     The loss supports repeated backward through a retained graph; double backward (``create_graph=True``) raises.
     """
-    head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
-                                memory_budget_mb, backend, on_nonfinite, logit_softcap, process_group)
-    args = check_loss_arguments(
-        head, advantages, old_logprobs, ref_logprobs, gate=gate, tau_pos=tau_pos, tau_neg=tau_neg,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        importance_sampling_level=importance_sampling_level, beta=beta,
-        use_bias_correction_kl=use_bias_correction_kl, entropy_coef=entropy_coef, group_size=group_size,
-        group_ids=group_ids, delta=delta, vespo_k=vespo_k, vespo_lambda=vespo_lambda, sampling_ratio=sampling_ratio,
-        entropy_mask=entropy_mask, off_policy_mask_threshold=off_policy_mask_threshold,
-        sampling_logprobs=sampling_logprobs,
-    )
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap, head.shard)
-    implementation = resolve_backend(head.backend, spec, args.config)
-    planned = plan_loss_tokens(head, args)
+    arguments = locals()
+    batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(arguments))
+    args = check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, LossOptions.collect(arguments))
+    implementation = resolve_backend(batch.backend, batch.head, args.config)
+    planned = plan_loss_tokens(batch, args)
 
+    head = batch.head
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
-        planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config,
-        replace(spec, weight=None, bias=None), implementation,
+        planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, head.without_tensors(),
+        implementation,
     )
 
     plan, tokens = planned.plan, planned.tokens
-    metrics = loss_metrics(tokens, args.config, entropy, ratio, gate_value, gate_grad, kl, args.group_size,
-                           args.group_ids, args.row_advantages)
+    metrics = loss_metrics(tokens, args.config, entropy, ratio, gate_value, gate_grad, kl, args.options.group_size,
+                           args.options.group_ids, args.row_advantages)
     metrics["policy_loss"] = loss.detach() - (tokens.entropy_weight * entropy).sum()
     logprobs, entropies = plan.scatter(logp), plan.scatter(entropy)
     computed = plan.scatter(torch.ones_like(logp)) != 0
@@ -213,28 +206,24 @@ def token_logprobs(
     completion_ids: Tensor,
     completion_mask: Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    bias: Tensor | None = None,
-    on_nonfinite: str = "raise",
-    process_group: object | None = None,
-    backend: str = "auto",
-    statistics_method: str = "auto",
-    memory_budget_mb: float | None = None,
+    temperature: float = H.temperature,
+    logit_softcap: float | None = H.logit_softcap,
+    bias: Tensor | None = H.bias,
+    on_nonfinite: str = H.on_nonfinite,
+    process_group: object | None = H.process_group,
+    backend: str = H.backend,
+    statistics_method: str = H.statistics_method,
+    memory_budget_mb: float | None = H.memory_budget_mb,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies [B, T] (float32, 0 where masked) of ``completion_ids`` under the lm_head,
     without gradient and without materialising the logits: the old- and reference-policy passes of RL training.
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
     ``"raise"`` or ``"propagate"``, which gives NaN at such tokens). ``statistics_method`` (Triton backend only):
     ``"dot"`` (``tl.dot`` tiles, the logits never written), ``"cublas"`` (cuBLAS chunk products read back by a row
-    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.launcher.choose_statistics_method``)."""
-    head = check_head_arguments(hidden, weight, completion_ids, completion_mask, bias, temperature,
-                                memory_budget_mb, backend, on_nonfinite, logit_softcap, process_group,
-                                nonfinite_policies=("raise", "propagate"))
-    check_choice("statistics_method", statistics_method, STATISTICS_METHODS, "method")
-    spec = HeadSpec(head.weight, head.bias, head.inv_temperature, head.memory_budget_mb, head.softcap, head.shard,
-                    statistics_method)
-    implementation = resolve_backend(head.backend, spec, None)
-    planned = plan_logprob_tokens(head)
-    logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, spec)
+    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.triton_backend.choose_statistics_method``)."""
+    batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(locals()),
+                        nonfinite_policies=("raise", "propagate"))
+    implementation = resolve_backend(batch.backend, batch.head, None)
+    planned = plan_logprob_tokens(batch)
+    logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, batch.head)
     return planned.plan.scatter(logp), planned.plan.scatter(entropy)

@@ -13,13 +13,12 @@ follow from that:
 
 from __future__ import annotations
 
-from dataclasses import replace
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from .backend import GradientNeeds, HeadSpec, SavedStatistics
+from .chunk_driver import Backend
+from .contract import GradientNeeds, SavedStatistics
+from .head import Head
 from .objective import ObjectiveConfig, TokenData
 
 DOUBLE_BACKWARD_ERROR = (
@@ -47,18 +46,17 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         targets: Tensor,
         tokens: TokenData,
         config: ObjectiveConfig,
-        head: HeadSpec,
-        backend: ModuleType,
+        head: Head,
+        backend: Backend,
     ):
         """``head`` describes how ``weight`` and ``bias`` make the logits; its own tensor fields are left empty (the
         tensors come as inputs, for autograd, and must not appear twice to a tracer such as Dynamo)."""
         needs = GradientNeeds(*ctx.needs_input_grad[:3])
-        head = replace(head, weight=weight, bias=bias)
-        result = backend.loss_forward(hidden, targets, tokens, head, config, needs)
+        result = backend.loss_forward(hidden, targets, tokens, head.with_tensors(weight, bias), config, needs)
         terms = result.terms
 
         ctx.backend = backend
-        ctx.head = replace(head, weight=None, bias=None)  # the tensors are saved for backward
+        ctx.head = head  # the tensors are saved for backward
         ctx.needs = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.gradients = result.gradients  # handed out (and released) by the first backward
@@ -81,9 +79,8 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         grads, ctx.gradients = ctx.gradients, None
         if grads is None:
             hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
-            head = replace(ctx.head, weight=weight, bias=bias)
             saved = SavedStatistics(lse, entropy, grad_logprobs, grad_entropy, ctx.chunks)
-            grads = ctx.backend.recompute_gradients(hidden, targets, head, needs, saved)
+            grads = ctx.backend.recompute_gradients(hidden, targets, ctx.head.with_tensors(weight, bias), needs, saved)
         # The pass formed d(loss) for a unit upstream gradient; scale by the actual one (a 0-dim tensor) in place:
         # the buffers belong to this call alone, and a second full-size copy of dW would cost memory.
         scale_is_one = (

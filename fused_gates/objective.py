@@ -90,6 +90,10 @@ class TokenData:
     def count(self) -> int:
         return self.advantages.shape[0]
 
+    def row_counts(self) -> list[int]:
+        """Tokens of each row, in order (a host synchronisation)."""
+        return torch.bincount(self.row, minlength=self.num_rows).tolist()
+
     def select(self, rows: slice) -> TokenData:
         """The tokens ``rows`` (a contiguous range of the compacted tokens)."""
         values = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .arguments import HeadArguments, LossArguments, ValueCheck, run_value_checks
+from .arguments import Batch, LossArguments, ValueCheck, run_value_checks
 from .objective import VESPO_LOG_RATIO_CLAMP, VESPO_LOWER_LOG_WEIGHT, TokenData, aggregation_weights, entropy_weights
 
 HIDDEN_NONFINITE = (
@@ -32,12 +32,12 @@ class TokenPlan:
     valid_index: Tensor | None  # flat positions of the computed tokens; None when all are computed
 
     def gather(self, x: Tensor) -> Tensor:
-        """A ``[B, T]`` tensor at the computed tokens, [N]."""
+        """A ``[B, T]`` tensor at the computed tokens, [N], with unit stride (the kernels index it so)."""
         return self.gather_rows(x.reshape(-1))
 
     def gather_rows(self, x: Tensor) -> Tensor:
-        """A flat ``[B*T, ...]`` tensor at the computed tokens, [N, ...]."""
-        return x if self.valid_index is None else x.index_select(0, self.valid_index)
+        """A flat ``[B*T, ...]`` tensor at the computed tokens, [N, ...], contiguous."""
+        return x.contiguous() if self.valid_index is None else x.index_select(0, self.valid_index)
 
     def scatter(self, values: Tensor) -> Tensor:
         """Per computed token ``values`` [N] as [B, T], 0 elsewhere."""
@@ -77,7 +77,7 @@ class LogprobTokens:
     ids: Tensor  # [N]
 
 
-def plan_logprob_tokens(head: HeadArguments) -> LogprobTokens:
+def plan_logprob_tokens(head: Batch) -> LogprobTokens:
     """The tokens of :func:`fused_gates.token_logprobs` (``on_nonfinite``: raise or propagate)."""
     flat_mask = None if head.mask is None else head.mask.reshape(-1)
     keep = None if flat_mask is None else flat_mask != 0
@@ -87,7 +87,7 @@ def plan_logprob_tokens(head: HeadArguments) -> LogprobTokens:
         checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, (bad if keep is None else bad & keep).sum()))
     plan = _plan(head.shape, keep)
     ids = plan.gather_rows(head.ids)
-    run_value_checks(_id_check(ids, head.vocab) + checks)
+    run_value_checks(_id_check(ids, head.head.vocab) + checks)
     return LogprobTokens(plan, plan.gather_rows(head.hidden), ids)
 
 
@@ -101,7 +101,7 @@ class LossTokens:
     flagged: Tensor  # [B, T] bool: tokens with mask set whose hidden state (or given log-prob) is non-finite
 
 
-def plan_loss_tokens(head: HeadArguments, args: LossArguments) -> LossTokens:
+def plan_loss_tokens(head: Batch, args: LossArguments) -> LossTokens:
     """Select the computed tokens, check every value, and build their :class:`TokenData`."""
     batch, length = head.shape
     device = head.device
@@ -124,16 +124,18 @@ def plan_loss_tokens(head: HeadArguments, args: LossArguments) -> LossTokens:
         full_mask = given_mask
         plan = _plan(head.shape, None if head.mask is None else selected.reshape(-1))
 
-    loss_weight = aggregation_weights(full_mask, args.loss_type, args.max_completion_length, args.num_items_in_batch)
+    options = args.options
+    loss_weight = aggregation_weights(full_mask, options.loss_type, options.max_completion_length,
+                                      options.num_items_in_batch)
     row_tokens = full_mask.sum(-1, keepdim=True).clamp(min=1.0)
     rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
-    entropy_mask = None if args.entropy_mask is None else args.entropy_mask.to(acc)
+    entropy_mask = None if options.entropy_mask is None else options.entropy_mask.to(acc)
     bonus_mask = full_mask if entropy_mask is None else full_mask * entropy_mask
     tokens = TokenData(
         advantages=plan.gather(args.advantages.to(acc)),
         mask=plan.gather(full_mask),
         loss_weight=plan.gather(loss_weight),
-        entropy_weight=plan.gather(entropy_weights(bonus_mask, args.entropy_coef)),
+        entropy_weight=plan.gather(entropy_weights(bonus_mask, options.entropy_coef)),
         old_logprobs=None if args.old_logprobs is None else plan.gather(args.old_logprobs.to(acc)),
         ref_logprobs=None if args.ref_logprobs is None else plan.gather(args.ref_logprobs.to(acc)),
         row=plan.gather(rows),
@@ -144,7 +146,7 @@ def plan_loss_tokens(head: HeadArguments, args: LossArguments) -> LossTokens:
         vespo_log_offset=_vespo_log_offset(args, acc, plan),
     )
     ids = plan.gather_rows(head.ids)
-    checks = _id_check(ids, head.vocab) + checks + _option_checks(args, selected)
+    checks = _id_check(ids, head.head.vocab) + checks + _option_checks(args, selected)
     if tokens.count:
         checks.append(ValueCheck("advantages", "must be finite where the mask is set",
                                  ~torch.isfinite(tokens.advantages).all()))
@@ -161,8 +163,8 @@ def _policy_weight(args: LossArguments, entropy_mask: Tensor | None, acc: torch.
     """``q_t``: the sampler's importance ratio (TRL applies it to every objective but vespo, which takes it into its
     weight instead) times the entropy mask."""
     weight = None
-    if args.sampling_ratio is not None and not args.config.gate.is_vespo:
-        weight = args.sampling_ratio.to(acc)
+    if args.options.sampling_ratio is not None and not args.config.gate.is_vespo:
+        weight = args.options.sampling_ratio.to(acc)
     if entropy_mask is not None:
         weight = entropy_mask if weight is None else weight * entropy_mask
     return None if weight is None else plan.gather(weight)
@@ -172,27 +174,33 @@ def _sampling_logprobs(args: LossArguments, acc: torch.dtype, plan: TokenPlan) -
     """The off-policy mask's sampling log-probs: given, else the behaviour policy's, else (on-policy) none."""
     if args.config.off_policy_mask_threshold is None:
         return None
-    sampling = args.sampling_logprobs if args.sampling_logprobs is not None else args.old_logprobs
+    given = args.options.sampling_logprobs
+    sampling = given if given is not None else args.old_logprobs
     return None if sampling is None else plan.gather(sampling.to(acc))
 
 
 def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan) -> Tensor | None:
     """vespo's ``sum_t clamp(log q^vllm_t, log 1e-8, 20)`` of each row, over every position as TRL sums it."""
-    if not args.config.gate.is_vespo or args.sampling_ratio is None:
+    if not args.config.gate.is_vespo or args.options.sampling_ratio is None:
         return None
-    log_ratio = torch.log(args.sampling_ratio.to(acc)).clamp(VESPO_LOWER_LOG_WEIGHT, VESPO_LOG_RATIO_CLAMP)
+    log_ratio = torch.log(args.options.sampling_ratio.to(acc)).clamp(VESPO_LOWER_LOG_WEIGHT, VESPO_LOG_RATIO_CLAMP)
     row_sum = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
     return plan.gather(row_sum)
 
 
 def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
     checks = []
-    if args.sampling_ratio is not None:
-        ratio = args.sampling_ratio
+    options = args.options
+    items = options.num_items_in_batch
+    if isinstance(items, Tensor) and options.loss_type == "dapo":
+        checks.append(ValueCheck("num_items_in_batch", "must be finite and >= 0",
+                                 ~(torch.isfinite(items) & (items >= 0)).all()))
+    if options.sampling_ratio is not None:
+        ratio = options.sampling_ratio
         checks.append(ValueCheck("sampling_ratio", "must be finite and >= 0 where the mask is set",
                                  (selected & ~(torch.isfinite(ratio) & (ratio >= 0))).any()))
-    if args.entropy_mask is not None:
-        mask = args.entropy_mask.float()
+    if options.entropy_mask is not None:
+        mask = options.entropy_mask.float()
         checks.append(ValueCheck("entropy_mask", "must be finite and >= 0",
                                  ~(torch.isfinite(mask) & (mask >= 0)).all()))
     return checks

@@ -40,11 +40,9 @@ def check_number(
     if integer and not isinstance(value, int):
         raise fail(name, f"expected an int, got {type(value).__name__}", TypeError)
     number = float(value)
-    if not math.isfinite(number):
-        raise fail(name, f"must be a finite number, got {value}")
     low_ok = minimum is None or number > minimum or (number == minimum and allow_minimum)
     high_ok = maximum is None or number < maximum or (number == maximum and allow_maximum)
-    if not (low_ok and high_ok):
+    if not (math.isfinite(number) and low_ok and high_ok):
         raise fail(name, f"must be {describe_range(minimum, allow_minimum, maximum, allow_maximum)}, got {value}")
     return value if integer else number
 
@@ -53,10 +51,10 @@ def describe_range(minimum: float | None, allow_minimum: bool, maximum: float | 
     if minimum is not None and maximum is not None:
         return f"in {'[' if allow_minimum else '('}{minimum:g}, {maximum:g}{']' if allow_maximum else ')'}"
     if minimum is not None:
-        return f"{'>=' if allow_minimum else '>'} {minimum:g}"
+        return f"finite and {'>=' if allow_minimum else '>'} {minimum:g}"
     if maximum is not None:
-        return f"{'<=' if allow_maximum else '<'} {maximum:g}"
-    return "finite"
+        return f"finite and {'<=' if allow_maximum else '<'} {maximum:g}"
+    return "a finite number"
 
 
 def is_number(value: object, **bounds: Any) -> bool:

@@ -15,16 +15,15 @@ small kernel merges them (every split holds at least one column). The online upd
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..environment import triton_interpreted
 from .logits import to_logits
 from .online_softmax import block_statistics, finish_statistics, merge_statistics
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = triton_interpreted()
 
 # Compiled ahead of time for sm_80 and sm_90 under Triton 3.6 and 3.9 (tests/test_kernels_compile_for_gpu.py): none
 # of these spills registers; BLOCK_H = 64 with 128 x 256 tiles did (the float32 accumulator tile and two operand
