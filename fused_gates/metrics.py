@@ -9,6 +9,10 @@ out of the mean over groups; with no valid token at all EUR is 0. Without group 
 so ``group_size=None`` and ``group_size=B`` agree.
 
 The other means follow TRL's ``_compute_loss`` (``sum m x / max(sum m, 1)``).
+
+The formulas are written once, here, as pieces that return sums and counts (:func:`masked_sum_and_count`,
+:func:`clip_flags`, :func:`cispo_flags`, :func:`group_mean_parts`): :func:`loss_metrics` divides them for one call,
+the TRL integration sums them over processes first and divides the totals.
 """
 
 from __future__ import annotations
@@ -18,8 +22,35 @@ from torch import Tensor
 from .objective import ObjectiveConfig, TokenData
 
 
+def masked_sum_and_count(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum w x, sum w)``: the numerator and denominator of a token-weighted mean."""
+    return (values * weights).sum(), weights.sum()
+
+
 def masked_mean(values: Tensor, weights: Tensor) -> Tensor:
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+    total, count = masked_sum_and_count(values, weights)
+    return total / count.clamp(min=1.0)
+
+
+def clip_flags(ratio: Tensor, advantages: Tensor, epsilon_low: float, epsilon_high: float,
+               delta: float | None = None) -> tuple[Tensor, Tensor]:
+    """TRL's clip indicators ``(low, high)``: the ratio (after the two-sided cap ``delta``) below ``1 - epsilon_low``
+    where the advantage is negative, above ``1 + epsilon_high`` where it is positive (elementwise, broadcasting)."""
+    capped = ratio if delta is None else ratio.clamp(max=delta)
+    return (capped < 1 - epsilon_low) & (advantages < 0), (capped > 1 + epsilon_high) & (advantages > 0)
+
+
+def cispo_flags(ratio: Tensor, advantages: Tensor, epsilon_high: float) -> Tensor:
+    """TRL's CISPO clip indicator: the ratio above ``epsilon_high`` where the advantage is positive."""
+    return (ratio > epsilon_high) & (advantages > 0)
+
+
+def group_mean_parts(weighted: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum over groups with a valid token of the group's mean weighted / counts, number of such groups)``: EUR's
+    mean over prompt groups, before the division (groups without a token are left out)."""
+    present = counts > 0
+    per_group = (weighted / counts.where(present, 1.0)).where(present, 0.0)
+    return per_group.sum(), present.sum()
 
 
 def effective_update_ratio(
@@ -36,9 +67,8 @@ def effective_update_ratio(
         groups = tokens.row // group_size
         weighted = m.new_zeros(tokens.num_rows // group_size).index_add_(0, groups, gate_grad * m)
         counts = m.new_zeros(tokens.num_rows // group_size).index_add_(0, groups, m)
-    present = counts > 0
-    per_group = (weighted / counts.where(present, 1.0)).where(present, 0.0)
-    return per_group.sum() / present.sum().clamp(min=1)
+    total, groups = group_mean_parts(weighted, counts)
+    return total / groups.clamp(min=1)
 
 
 def _row_or_token_mean(flags: Tensor, tokens: TokenData, per_row: bool) -> Tensor:
@@ -97,15 +127,15 @@ def loss_metrics(
         metrics["kl"] = masked_mean(kl, m)
     params = config.params
     if config.gate.is_clip:
-        capped = ratio.clamp(max=params.delta)  # TRL counts clipping on the ratio after the two-sided cap
-        low = ((capped < 1 - params.epsilon_low) & (tokens.advantages < 0)).to(m.dtype)
-        high = ((capped > 1 + params.epsilon_high) & (tokens.advantages > 0)).to(m.dtype)
+        # TRL counts clipping on the ratio after the two-sided cap
+        low, high = (flags.to(m.dtype) for flags in clip_flags(ratio, tokens.advantages, params.epsilon_low,
+                                                               params.epsilon_high, params.delta))
         low_mean, high_mean = _row_or_token_mean(low, tokens, per_row), _row_or_token_mean(high, tokens, per_row)
         metrics["clip_ratio/low_mean"] = low_mean
         metrics["clip_ratio/high_mean"] = high_mean
         metrics["clip_ratio/region_mean"] = low_mean + high_mean
     elif config.gate.is_cispo:
-        clipped = ((ratio > params.epsilon_high) & (tokens.advantages > 0)).to(m.dtype)
+        clipped = cispo_flags(ratio, tokens.advantages, params.epsilon_high).to(m.dtype)
         metrics["cispo_clip_ratio"] = _row_or_token_mean(clipped, tokens, per_row)
     elif config.gate.is_vespo:  # one phi per row with [B] advantages: the mean over rows that have a valid token
         if row_advantages:

@@ -27,6 +27,8 @@ __all__ = [
     "gate_curves",
     "is_on_policy",
     "load_run",
+    "metric_points",
+    "metric_series",
     "moving_average",
     "off_policy_eur",
     "pyplot",
@@ -263,13 +265,21 @@ def off_policy_eur(row: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def metric_series(rows: Iterable[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
-    """``(steps, values)`` of the steps that logged ``key`` with a finite value; ``"eur"`` is the off-policy EUR
-    (:func:`off_policy_eur`)."""
-    if key == "eur":
-        points = [(row["step"], value) for row in rows if (value := off_policy_eur(row)) is not None]
-    else:
-        points = [(row["step"], row[key]) for row in rows if math.isfinite(row.get(key, math.nan))]
+def metric_points(rows: Iterable[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """``(step, value)`` of the logged rows that hold a finite number under ``key``, in row order; ``"eur"`` is the
+    off-policy EUR (:func:`off_policy_eur`). The one reading of a series from logged rows (figures, run reports,
+    the toy study's tables)."""
+    points = []
+    for row in rows:
+        value = off_policy_eur(row) if key == "eur" else row.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            points.append((float(row["step"]), float(value)))
+    return points
+
+
+def metric_series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """:func:`metric_points` as ``(steps, values)``."""
+    points = metric_points(rows, key)
     return [step for step, _ in points], [value for _, value in points]
 
 

@@ -160,7 +160,7 @@ def test_an_unknown_gate_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_liger_is_never_applied_without_cuda() -> None:
-    settings = train_grpo.resolve_settings(["--preset", "paper", "--liger"])
+    settings = train_settings.resolve_settings(["--preset", "paper", "--liger"])
     if torch.cuda.is_available():
         pytest.skip("checks the CPU rule")
     assert train_grpo.maybe_apply_liger(torch.nn.Linear(2, 2), settings) is False

@@ -144,7 +144,7 @@ def synthetic_problems(max_operand: int = 9) -> list[tuple[str, str]]:
 
 def write_synthetic_jsonl(path: str | Path, max_operand: int = 9) -> Path:
     """The synthetic task as an evaluation file: one ``{"question": "3+4=", "answer": "7"}`` line per distinct
-    problem (the prompts the training script uses, so ``fused-gates evaluate --dataset-file`` asks them verbatim).
+    problem (the prompts the training script uses, so ``fused-gates-evaluate --dataset-file`` asks them verbatim).
 
     These are the very problems the training prompts are drawn from: the file measures how well a policy does the
     task it was trained on, not generalisation to unseen problems.

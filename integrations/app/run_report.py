@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from fused_gates.plots import off_policy_eur
+from fused_gates.plots import metric_points, metric_series, off_policy_eur
 
 __all__ = [
     "ANSWER_REWARD",
@@ -155,12 +155,6 @@ def write_metrics_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), int | float)
-              and math.isfinite(row[key])]
-    return [step for step, _ in points], [value for _, value in points]
-
-
 def write_metrics_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "",
                        eur_target: float | None = None) -> Path:
     """Rewards, EUR (off-policy, and on-policy where logged), entropy, and the gate temperatures (adaptive runs) or
@@ -172,16 +166,16 @@ def write_metrics_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
     rewards, eur, entropy, last = axes.flat
     marker = "." if len(rows) < 80 else None
     for label, key in (("reward", "reward"), ("format", FORMAT_REWARD), ("answer", ANSWER_REWARD)):
-        steps, values = _series(rows, key)
+        steps, values = metric_series(rows, key)
         if steps:
             rewards.plot(steps, values, marker=marker, label=label)
     rewards.set_title("reward (format + answer)")
     rewards.legend(fontsize=8)
 
-    points = [(row["step"], value) for row in rows if (value := off_policy_eur(row)) is not None]
-    if points:
-        eur.plot(*zip(*points, strict=True), marker=marker, label="off-policy updates")
-    steps, values = _series(rows, "eur/on_policy")
+    steps, values = metric_series(rows, "eur")
+    if steps:
+        eur.plot(steps, values, marker=marker, label="off-policy updates")
+    steps, values = metric_series(rows, "eur/on_policy")
     if steps:
         eur.plot(steps, values, color="grey", linewidth=0.8, label="on-policy updates")
     if eur_target is not None:
@@ -189,19 +183,19 @@ def write_metrics_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
     eur.set_title("EUR")
     eur.legend(fontsize=8)
 
-    steps, values = _series(rows, "entropy")
+    steps, values = metric_series(rows, "entropy")
     entropy.plot(steps, values, marker=marker)
     entropy.set_title("entropy (nats)")
 
     if any(TAU_KEYS[0] in row for row in rows):
         for label, key in (("tau+", TAU_KEYS[0]), ("tau-", TAU_KEYS[1])):
-            steps, values = _series(rows, key)
+            steps, values = metric_series(rows, key)
             last.plot(steps, values, label=label)
         last.set_yscale("log")
         last.set_title("gate temperatures (adapted)")
     else:
         for label, key in (("ratio max", "ratio/max"), ("ratio min", "ratio/min")):
-            steps, values = _series(rows, key)
+            steps, values = metric_series(rows, key)
             if steps:
                 last.plot(steps, values, label=label, marker=marker)
         last.set_title("importance ratio range")
@@ -240,7 +234,7 @@ class WindowMeans:
 
 def window_means(rows: Sequence[dict[str, Any]], key: str, window: int = 10) -> WindowMeans:
     """Mean of ``key`` over the first and the last ``window`` steps that logged it."""
-    _, values = _series(rows, key)
+    _, values = metric_series(rows, key)
     if not values:
         return WindowMeans(key, math.nan, math.nan, 0, 0)
     first, last = values[:window], values[-window:]
@@ -252,6 +246,5 @@ def mean_off_policy_eur(rows: Sequence[dict[str, Any]], from_fraction: float = 0
     if not rows:
         return math.nan
     last_step = max(row["step"] for row in rows)
-    values = [value for row in rows if row["step"] > from_fraction * last_step
-              and (value := off_policy_eur(row)) is not None]
+    values = [value for step, value in metric_points(rows, "eur") if step > from_fraction * last_step]
     return statistics.fmean(values) if values else math.nan

@@ -107,7 +107,7 @@ def save_tiny(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, folde
 
 def mark_tiny_folder(folder: str | Path, config: Qwen2Config) -> Path:
     """Writes :data:`MARKER_FILE` into a folder that holds a tiny model and its tokenizer (saved by any means, e.g.
-    ``Trainer.save_model``), so that :func:`load_tiny` and ``fused-gates evaluate`` recognise it."""
+    ``Trainer.save_model``), so that :func:`load_tiny` and ``fused-gates-evaluate`` recognise it."""
     folder = Path(folder)
     marker = {"vocabulary": list(VOCABULARY), "hidden_size": config.hidden_size,
               "num_hidden_layers": config.num_hidden_layers}

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fused_gates.plots import describe_gate, load_run, moving_average, off_policy_eur
+from fused_gates.plots import describe_gate, load_run, metric_points, moving_average, off_policy_eur
 
 __all__ = ["STUDY_GATES", "GateSummary", "PairedComparison", "StudyGate", "format_summary", "main", "paired_with",
            "summarise"]
@@ -193,8 +193,7 @@ class GateSummary:
 
 
 def _series(rows: Sequence[Row], column: str) -> list[tuple[float, float]]:
-    points = [(float(row["step"]), float(row[column])) for row in rows if not math.isnan(float(row[column]))]
-    return sorted(points)
+    return sorted(metric_points(rows, column))
 
 
 def _tail_mean(rows: Sequence[Row], column: str, window: int) -> float:

@@ -9,7 +9,7 @@ configuration), the table, ``metrics.csv`` and ``metrics.png`` in ``run_report.p
 2. trains it with ``GatedGRPOTrainer`` (reward = format + answer, paper eq. 9), printing one table line per step;
 3. saves the trained policy to ``<output-dir>/final-model`` (always, whatever ``--save-steps`` is) and writes
    ``run_config.json``, ``metrics.csv`` and ``metrics.png``; for the synthetic task also ``synthetic-eval.jsonl``
-   (every problem once) for ``fused-gates evaluate``, whose command line it prints.
+   (every problem once) for ``fused-gates-evaluate``, whose command line it prints.
 
 Multi-GPU: ``accelerate launch --config_file <zero2.yaml|zero3.yaml> -m fused_gates.integrations.app.train ...``.
 """
@@ -35,7 +35,7 @@ from .run_report import (
     write_metrics_csv,
     write_metrics_plot,
 )
-from .settings import RunSettings, describe, parse_command_line, resolve_settings, trainer_arguments
+from .settings import RunSettings, describe, parse_command_line, trainer_arguments
 
 __all__ = [
     "RunResult",
@@ -43,9 +43,7 @@ __all__ = [
     "main",
     "maybe_apply_liger",
     "prepare_tiny_policy",
-    "resolve_settings",
     "train",
-    "trainer_arguments",
 ]
 
 INITIAL_MODEL = "initial-model"
@@ -142,14 +140,7 @@ def load_training_data(settings: RunSettings, tokenizer: Any):
 def _gated_config(settings: RunSettings):
     from ..trl import GatedGRPOConfig
 
-    arguments = trainer_arguments(settings)
-    known = {field.name for field in dataclasses.fields(GatedGRPOConfig)}
-    unknown = sorted(set(arguments) - known)
-    if unknown:
-        # Refused before any model is loaded: the installed trainer cannot honour these options.
-        raise SystemExit(f"fused-gates-train: this GatedGRPOTrainer does not support {', '.join(unknown)} "
-                         "(needed by --eur-target / --eur-rate)")
-    return GatedGRPOConfig(**arguments)
+    return GatedGRPOConfig(**trainer_arguments(settings))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,7 +215,7 @@ def _write_reports(rows: list[dict[str, float]], output_dir: Path, settings: Run
     print(f"wrote {csv_path} and {plot_path}")
     print(f"final model: {final_model}")
     if settings.dataset == "synthetic":
-        command = ["fused-gates", "evaluate", "--benchmark", "synthetic", "--dataset-file",
+        command = ["fused-gates-evaluate", "--benchmark", "synthetic", "--dataset-file",
                    str(output_dir / SYNTHETIC_EVAL), "--num-samples", "8", "--out", str(output_dir / "eval")]
         print("evaluate the initial and the trained policy on every problem of the task (table: eval/summary.md):")
         if initial_model is not None:

@@ -1,4 +1,5 @@
-"""The training metrics of one micro-batch, from the fused loss's per-token outputs, reduced across processes.
+"""The training metrics of one micro-batch, from the fused loss's per-token outputs, reduced across processes: the
+formulas are the core's (:mod:`fused_gates.metrics`: sums, counts, indicators), this module sums them over processes.
 
 TRL 1.16's metrics as TRL computes them: a mean over tokens is global and token-weighted (the sums and the token
 counts of every process are summed, then divided); at sequence level a per-sequence quantity counts sequences;
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fused_gates import GatedPolicyLossOutput
+from fused_gates.metrics import cispo_flags, clip_flags, group_mean_parts, masked_sum_and_count
 
 from .config import GateObjective
 
@@ -69,16 +71,16 @@ class LossMetrics:
         count = m.sum()
 
         def token_mean(name: str, values: Tensor) -> None:
-            sums[name] = ((values.float() * m).sum(), count)
+            sums[name] = masked_sum_and_count(values.float(), m)
 
         rows = torch.tensor(float(batch), device=m.device)
         token_mean("entropy", out.entropy)
         if s.beta != 0.0:
             token_mean("kl", out.kl)
-        gate_grad_sum = (out.gate_grad.float() * m).sum()
         token_mean("gate/mean", out.gate_value)
         token_mean("ratio/mean", out.ratio)
-        sums["eur/off_policy" if off_policy else "eur/on_policy"] = (gate_grad_sum, count)
+        token_mean("eur/off_policy" if off_policy else "eur/on_policy", out.gate_grad)
+        gate_grad_sum = sums["eur/off_policy" if off_policy else "eur/on_policy"][0]
         if "nonfinite_tokens" in out.metrics:
             sums["nonfinite_tokens"] = (out.metrics["nonfinite_tokens"].float().reshape(()), rows.new_ones(()))
 
@@ -104,14 +106,12 @@ class LossMetrics:
 
         gate = s.objective.gate
         if gate == "clip":
-            capped = ratio if s.delta is None else ratio.clamp(max=s.delta)  # TRL counts with coef_1 after delta
-            low = (capped < 1 - s.epsilon_low) & (adv < 0)
-            high = (capped > 1 + s.epsilon_high) & (adv > 0)
+            low, high = clip_flags(ratio, adv, s.epsilon_low, s.epsilon_high, s.delta)  # TRL's coef_1 after delta
             per_row_columns.append(indicator_mean("clip_ratio/low_mean", low))
             per_row_columns.append(indicator_mean("clip_ratio/high_mean", high))
             indicator_mean("clip_ratio/region_mean", low | high)
         elif gate == "cispo":
-            indicator_mean("cispo_clip_ratio", (ratio > s.epsilon_high) & (adv > 0))
+            indicator_mean("cispo_clip_ratio", cispo_flags(ratio, adv, s.epsilon_high))
         elif gate == "vespo" and phi_seq is not None:
             sums["vespo/phi_seq_mean"] = (phi_seq.float().sum(), rows)
 
@@ -152,7 +152,7 @@ def _group_mean_eur(group: Tensor, gate_grad_sum: Tensor, tokens: Tensor) -> flo
     group_sum = torch.zeros(len(ids), dtype=gate_grad_sum.dtype, device=group.device).index_add_(0, index,
                                                                                                 gate_grad_sum)
     group_tokens = torch.zeros_like(group_sum).index_add_(0, index, tokens)
-    present = group_tokens > 0
-    if not bool(present.any()):
+    total, groups = group_mean_parts(group_sum, group_tokens)
+    if not bool(groups > 0):
         return float("nan")  # no token: no value (TRL's log() leaves NaN entries out of the mean)
-    return (group_sum[present] / group_tokens[present]).mean().item()
+    return (total / groups).item()
