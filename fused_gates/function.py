@@ -81,17 +81,17 @@ class GatedPolicyLossFunction(torch.autograd.Function):
             hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
             saved = SavedStatistics(lse, entropy, grad_logprobs, grad_entropy, ctx.chunks)
             grads = ctx.backend.recompute_gradients(hidden, targets, ctx.head.with_tensors(weight, bias), needs, saved)
-        # The pass formed d(loss) for a unit upstream gradient; scale by the actual one (a 0-dim tensor) in place:
-        # the buffers belong to this call alone, and a second full-size copy of dW would cost memory.
-        scale_is_one = (
-            grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
-        )
+        # The pass formed d(loss) for a unit upstream gradient; the actual one (a 0-dim tensor) is applied in the
+        # final cast (one pass over each gradient, no second full-size copy, no host read on a GPU).
+        unit = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
         out: list[Tensor | None] = []
         for grad, needed, dtype in zip(grads, (needs.hidden, needs.weight, needs.bias), ctx.dtypes, strict=True):
             if not needed or grad is None:
                 out.append(None)
-                continue
-            if not scale_is_one:
-                grad.mul_(grad_loss.to(grad.dtype))
-            out.append(grad.to(dtype))
+            elif unit:
+                out.append(grad.to(dtype))
+            elif dtype == grad.dtype:
+                out.append(grad.mul_(grad_loss.to(grad.dtype)))
+            else:
+                out.append(torch.mul(grad, grad_loss.to(grad.dtype), out=torch.empty_like(grad, dtype=dtype)))
         return (*out, None, None, None, None, None)  # targets, tokens, config, head, backend
