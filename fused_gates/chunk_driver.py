@@ -57,6 +57,9 @@ def default_memory_budget_mb(device: torch.device) -> float:
     if device.type != "cuda":
         return CPU_MEMORY_BUDGET_MB
     free_bytes, _ = torch.cuda.mem_get_info(device)
+    # memory the caching allocator holds but no tensor uses is free to this call too (during training it is most of
+    # what mem_get_info leaves out)
+    free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     share = GPU_FREE_MEMORY_SHARE * free_bytes / 2**20
     return max(GPU_MIN_MEMORY_BUDGET_MB, min(GPU_MEMORY_BUDGET_MB, share))
 
