@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import DEVICE, make_inputs
 
-from fused_gates import gated_policy_loss
+from fused_gates import BACKENDS, gated_policy_loss
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+COMPUTING_BACKENDS = [b for b in BACKENDS if b != "auto"]
 SETTINGS = {
     "torch-fp32": ("torch", torch.float32),
     "torch-bf16": ("torch", torch.bfloat16),
@@ -80,7 +80,7 @@ def test_zeroing_the_gradient_between_backwards_leaves_one_gradient(setting, mas
         assert _close(leaf.grad, expected.grad, 1e-6), name
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_upstream_gradient_scales_a_repeated_backward(backend):
     inputs = make_inputs(batch=3, length=5, hidden_size=12, vocab=70, seed=23)
     options = OPTIONS["token-level"]
@@ -95,7 +95,7 @@ def test_upstream_gradient_scales_a_repeated_backward(backend):
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
 def test_double_backward_raises_instead_of_returning_a_gradient_without_graph(backend, options):
     inputs = make_inputs(batch=3, length=5, hidden_size=12, vocab=70, seed=24)
     h, w, b = _leaves(inputs, torch.float32)

@@ -8,7 +8,6 @@ truth (bfloat16 logits, as a model's lm_head produces them, then float32 softmax
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -22,6 +21,21 @@ pytestmark = [
 ]
 
 TEMPERATURE = 0.9
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 products in float32: TF32 off for the test (another test or a library may have turned it on), restored
+    afterwards. TF32 rounds the operands to 10 mantissa bits (~1e-3 relative), which the float32 bounds here would
+    read as a wrong kernel. (An image's TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 beats these flags; tests/conftest.py sets
+    it to 0 before the first product.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 OPTIONS = dict(gate="sigmoid", tau_pos=1.0, tau_neg=1.05, loss_type="grpo", beta=0.04, entropy_coef=0.01)
 
 
@@ -185,7 +199,6 @@ def test_bf16_triton_matches_torch_backend(head):
         assert (ours[key].float() - theirs[key].float()).abs().max().item() <= 0.02 * scale, key
 
 
-STATISTICS_METHOD_PARAMETER = "statistics_method"  # token_logprobs' choice of the Triton no-grad kernel
 LOGPROB_CASES = [(tokens, method) for method in (None, "dot", "cublas") for tokens in (64, 4096)]
 LOGPROB_IDS = [f"{'vocab-split' if t == 64 else 'token-blocks'}-{m or 'default'}" for t, m in LOGPROB_CASES]
 
@@ -196,12 +209,7 @@ def test_bf16_token_logprobs_against_float64_truth(tokens, method):
     the tl.dot kernel, so the vocabulary is split."""
     from fused_gates import token_logprobs
 
-    options = {}
-    if method is not None:
-        if STATISTICS_METHOD_PARAMETER not in inspect.signature(token_logprobs).parameters:
-            pytest.skip(f"token_logprobs has no {STATISTICS_METHOD_PARAMETER!r} option: the {method} kernel cannot be "
-                        "chosen (the default row covers the one it runs)")
-        options[STATISTICS_METHOD_PARAMETER] = method
+    options = {} if method is None else {"statistics_method": method}
     b = make_batch(1, tokens, 3584, 152064, seed=2)
     logp, entropy = token_logprobs(b.hidden, b.weight, b.ids, temperature=TEMPERATURE, backend="triton", **options)
     true_logp, true_entropy = truth_statistics(b.hidden[0], b.weight, b.ids[0])
@@ -217,6 +225,19 @@ FLOAT32_CASES = [(gate, "token") for gate in ("clip", "sigmoid", "erf", "arctan"
 FLOAT32_CASES += [("sigmoid", "sequence"), ("clip", "sequence")]
 
 
+@pytest.mark.usefixtures("no_tf32")
+def test_float32_products_are_not_tf32():
+    """The fixture and conftest hold even in an image that sets TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1: a float32
+    product agrees with float64 to float32 precision (TF32 would be off by ~1e-3 relative)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(256, 512, device="cuda", generator=g)
+    b = torch.randn(512, 256, device="cuda", generator=g)
+    exact = a.double() @ b.double()
+    error = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+    assert error <= 1e-5, f"float32 product off by {error:.3g} relative: TF32 is on"
+
+
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize(("gate", "level"), FLOAT32_CASES, ids=[f"{g}-{lvl}" for g, lvl in FLOAT32_CASES])
 def test_float32_every_gate_against_reference(gate, level):
     """Compiled (not interpreted) kernels in float32 against the naive float64 reference at a moderate odd size."""
