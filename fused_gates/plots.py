@@ -32,6 +32,7 @@ __all__ = [
     "moving_average",
     "off_policy_eur",
     "pyplot",
+    "read_metrics_csv",
     "render_gates",
     "render_runs",
     "run_curves",
@@ -162,7 +163,7 @@ def load_run(folder: str | Path) -> RunLog:
     """
     folder = Path(folder)
     if (folder / "metrics.csv").is_file():
-        rows = _read_metrics_csv(folder / "metrics.csv")
+        rows = read_metrics_csv(folder / "metrics.csv")
     elif (state := _trainer_state(folder)) is not None:
         rows = _read_trainer_state(state)
     else:
@@ -170,11 +171,20 @@ def load_run(folder: str | Path) -> RunLog:
     return RunLog(folder, run_label(folder), rows)
 
 
-def _read_metrics_csv(path: Path) -> list[dict[str, float]]:
-    with path.open(newline="") as handle:
-        # Empty cells are metrics not logged at that step (rewards on steps that reuse a batch).
-        return [{key: float(value) for key, value in row.items() if value not in ("", None)}
+def read_metrics_csv(path: str | Path, *, up_to_step: float | None = None) -> list[dict[str, float]]:
+    """The rows of a training run's ``metrics.csv`` (numbers as written: integers stay ints), only those up to
+    ``up_to_step`` when given. Empty cells are metrics not logged at that step (rewards on steps that reuse a batch)."""
+    with Path(path).open(newline="") as handle:
+        rows = [{key: _number(text) for key, text in row.items() if text not in ("", None)}
                 for row in csv.DictReader(handle)]
+    return [row for row in rows if up_to_step is None or row["step"] <= up_to_step]
+
+
+def _number(text: str) -> float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _trainer_state(folder: Path) -> Path | None:

@@ -101,7 +101,7 @@ def test_evaluate_command_with_a_stub_writes_results_and_merges_summaries(tmp_pa
         argv = ["--model", "some/model", "--label", "stub", "--benchmark", name,
                 "--dataset-file", str(fixture(name)), "--out", str(tmp_path)]
         assert evaluate_main(argv) == 0
-    lines = [json.loads(line) for line in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "gsm8k-stub.jsonl").read_text().splitlines()]
     assert [line["correct"] for line in lines] == [[True], [True], [False]]
     assert set(lines[0]) >= {"problem", "reference", "completions", "extracted", "correct"}
     assert (tmp_path / "summary.md").read_text().splitlines()[-1] == "| stub | 66.7 | - | 33.3 |"
@@ -157,7 +157,7 @@ def test_evaluate_command_on_the_synthetic_task_file(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(module, "make_generator", make_generator)
     argv = ["--model", "some/model", "--label", "trained", "--benchmark", "synthetic",
-            "--dataset-file", str(path), "--out", str(tmp_path / "eval")]
+            "--dataset-file", str(path), "--out", str(tmp_path / "eval"), "--batch-size", "64"]
     assert evaluate_main(argv) == 0
     assert asked["max_new_tokens"] == BENCHMARKS["synthetic"].max_new_tokens == 16
     assert (tmp_path / "eval" / "summary.md").read_text().splitlines()[-1] == "| trained | - | - | - | 50.0 |"

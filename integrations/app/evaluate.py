@@ -10,16 +10,21 @@ correct completions: the mean over problems of each problem's fraction of correc
 Generation uses vLLM when it is installed (and ``--backend auto``), transformers' ``generate`` otherwise.
 
 Outputs in ``--out``: ``<benchmark>.jsonl`` (one line per problem: problem, reference, completions, extracted
-answers, correct flags), ``summary.json`` (accuracy per model and benchmark, merged across invocations) and
-``summary.md`` (the layout of Table 1: one row per model, one column per benchmark, accuracy in %; the synthetic
-task adds its own column). ``--max-new-tokens`` defaults to 512 (the paper's completion length) and to 16 for the
-synthetic task.
+answers, correct flags; written as the problems are answered, each line flushed, so an interrupted evaluation keeps
+what it finished; ``<benchmark>-<label>.jsonl`` with ``--label``), ``summary.json`` (accuracy per model and
+benchmark, merged across invocations) and ``summary.md`` (the layout of Table 1: one row per model, one column per
+benchmark, accuracy in %; the synthetic task adds its own column). ``--max-new-tokens`` defaults to 512 (the
+paper's completion length) and to 16 for the synthetic task.
+
+An existing results file is refused unless ``--resume`` (keep its lines, answer only the problems it lacks) or
+``--overwrite`` (start over) says what to do with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -263,15 +268,6 @@ def evaluate(problems: Sequence[Problem], generate: Callable[[Sequence[str], int
 # Reports
 
 
-def write_results(results: Sequence[ProblemResult], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        for result in results:
-            handle.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
-    return path
-
-
 def update_summary(path: str | Path, model: str, benchmark: str, accuracy: float, details: dict[str, Any]) -> dict:
     """Adds one accuracy to ``summary.json`` (``{model: {benchmark: {...}}}``), keeping the other entries."""
     path = Path(path)
@@ -294,28 +290,77 @@ def summary_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_path(out: str | Path, benchmark: str, label: str | None) -> Path:
+    """``<out>/<benchmark>.jsonl``, or ``<out>/<benchmark>-<label>.jsonl`` (the label's letters, digits, ``.-_``), so
+    that several models evaluated into one folder keep their own results."""
+    if not label:
+        return Path(out) / f"{benchmark}.jsonl"
+    return Path(out) / f"{benchmark}-{re.sub(r'[^A-Za-z0-9._-]+', '_', label).strip('_') or 'model'}.jsonl"
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The complete lines of a results file (a line cut off by an interruption is left out)."""
+    results = []
+    with Path(path).open() as handle:
+        for line in handle:
+            try:
+                results.append(json.loads(line))
+            except ValueError:
+                break  # the last line of an interrupted write
+    return results
+
+
 def run(args: Any, generate: Callable[[Sequence[str], int], list[list[str]]] | None = None) -> float:
-    """The ``fused-gates-evaluate`` command (``generate`` replaces the model, for tests)."""
+    """The ``fused-gates-evaluate`` command (``generate`` replaces the model, for tests): problems are answered in
+    batches of ``--batch-size`` and each one's line is appended to the results file at once."""
+    from .run_folder import FolderError, clear_folder, refuse_reuse
+
     benchmark = BENCHMARKS[args.benchmark]
     problems = load_problems(benchmark, dataset_file=args.dataset_file, hub_dataset=args.hub_dataset,
                              split=args.split, limit=args.limit)
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else benchmark.max_new_tokens
-    if generate is None:
+    out = Path(args.out)
+    path = results_path(out, args.benchmark, args.label)
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    refuse_reuse(path, f"results of {args.label or args.model} on {args.benchmark}", resume=resume,
+                 overwrite=overwrite)
+    if overwrite:
+        clear_folder(path, [path.name])
+    done = read_results(path) if resume and path.is_file() else []
+    questions = {problem.index: problem.question for problem in problems}
+    if any(questions.get(line.get("index")) != line.get("problem") for line in done):
+        raise FolderError(f"--resume: {path} holds other problems than --benchmark {args.benchmark} with these "
+                          "options; pass --overwrite to start over")
+    finished = {line["index"] for line in done}
+    pending = [problem for problem in problems if problem.index not in finished]
+    if pending and generate is None:
         generate = make_generator(args.model, backend=args.backend, temperature=args.temperature,
                                   max_new_tokens=max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    accuracy, results = evaluate(problems, generate, args.num_samples)
-    out = Path(args.out)
-    write_results(results, out / f"{args.benchmark}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        # the finished lines first (rewritten whole: drops a line cut off by an interruption), then each new one
+        handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in done)
+        for start in range(0, len(pending), args.batch_size):
+            _, results = evaluate(pending[start : start + args.batch_size], generate, args.num_samples)
+            for result in results:
+                handle.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
+                done.append(asdict(result))
+            handle.flush()
+    accuracy = statistics.fmean(fmean_or_zero(line["correct"]) for line in done) if done else 0.0
     source = str(args.dataset_file) if args.dataset_file else (args.hub_dataset or benchmark.dataset)
-    details = {"problems": len(results), "num_samples": args.num_samples, "temperature": args.temperature,
-               "max_new_tokens": max_new_tokens, "dataset": source}
+    details = {"problems": len(done), "num_samples": args.num_samples, "temperature": args.temperature,
+               "max_new_tokens": max_new_tokens, "dataset": source, "results": str(path)}
     table = summary_table(update_summary(out / "summary.json", args.label or args.model, args.benchmark, accuracy,
                                          details))
     (out / "summary.md").write_text(table)
-    print(f"{benchmark.name}: {100 * accuracy:.1f}% over {len(results)} problems x {args.num_samples} samples "
-          f"(temperature {args.temperature:g}); wrote {out}")
+    print(f"{benchmark.name}: {100 * accuracy:.1f}% over {len(done)} problems x {args.num_samples} samples "
+          f"(temperature {args.temperature:g}); wrote {path} and {out / 'summary.md'}")
     print(table)
     return accuracy
+
+
+def fmean_or_zero(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", help="the model's row name in the table (default: --model)")
     parser.add_argument("--out", default="eval")
+    folder = parser.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
+                        help="keep the results file's problems and answer only the others")
+    folder.add_argument("--overwrite", action="store_true", help="start the results file over")
     return parser
 
 
@@ -360,7 +409,18 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None,
          generate: Callable[[Sequence[str], int], list[list[str]]] | None = None) -> int:
-    run(parse_arguments(argv), generate)
+    from .run_folder import FolderError
+
+    args = parse_arguments(argv)
+    try:
+        run(args, generate)
+    except FolderError as error:
+        print(f"fused-gates-evaluate: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        path = results_path(args.out, args.benchmark, args.label)
+        print(f"interrupted: the problems answered so far are in {path}; continue with --resume", file=sys.stderr)
+        return 130
     return 0
 
 

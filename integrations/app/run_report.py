@@ -23,15 +23,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from fused_gates.plots import metric_points, metric_series, off_policy_eur
+from fused_gates.plots import metric_points, metric_series, off_policy_eur, read_metrics_csv
 
 __all__ = [
     "ANSWER_REWARD",
     "FORMAT_REWARD",
+    "MetricsFile",
     "StepMetricsCallback",
     "TableCallback",
     "WindowMeans",
     "mean_off_policy_eur",
+    "read_metrics_csv",
     "window_means",
     "write_metrics_csv",
     "write_metrics_plot",
@@ -52,8 +54,9 @@ class StepMetricsCallback(TrainerCallback):
     the steps in between reuse it and log the loss-side metrics (ratio, gate, EUR, entropy) alone.
     """
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+    def __init__(self, rows: Sequence[dict[str, float]] = (), file: MetricsFile | None = None) -> None:
+        self.rows: list[dict[str, float]] = list(rows)  # a resumed run starts with the rows logged before
+        self.file = file  # the main process's metrics.csv, written as the run goes
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Training-step logs carry the loss; the end-of-training summary (train_runtime, ...) is left out.
@@ -62,6 +65,35 @@ class StepMetricsCallback(TrainerCallback):
             row.update({key: value for key, value in logs.items()
                         if isinstance(value, int | float) and not isinstance(value, bool)})
             self.rows.append(row)
+            if self.file is not None:
+                self.file.append(row)
+
+
+class MetricsFile:
+    """``metrics.csv`` written as the run goes: each logged row is appended and flushed at once, so an interrupted or
+    crashed run keeps every logged step. A row with a metric the header lacks rewrites the file with the wider header
+    (the first steps only: rewards appear with the first generated batch)."""
+
+    def __init__(self, path: str | Path, rows: Sequence[dict[str, Any]] = ()) -> None:
+        self.path = Path(path)
+        self.rows = list(rows)
+        self.columns: list[str] = []
+        self._rewrite()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if set(row) - set(self.columns):
+            self._rewrite()
+            return
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns, restval="").writerow(_cells(row))
+            handle.flush()
+
+    def _rewrite(self) -> None:
+        self.columns = metrics_columns(self.rows)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        write_metrics_csv(self.rows, temporary)
+        temporary.replace(self.path)  # atomic: a reader (or a crash) sees the old file or the new one
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,7 +129,7 @@ class TableCallback(TrainerCallback):
     def __init__(self, collector: StepMetricsCallback, *, adaptive: bool = False) -> None:
         self.collector = collector
         self.columns = TABLE_COLUMNS + (TAU_COLUMNS if adaptive else ())
-        self.printed = 0
+        self.printed = len(collector.rows)  # a resumed run's earlier rows were printed by the run that logged them
         self.start = 0.0
         self.max_steps = 0
         self.active = False
@@ -140,18 +172,25 @@ class TableCallback(TrainerCallback):
 # metrics.csv and metrics.png
 
 
-def write_metrics_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """One row per logged step; the leading columns (those logged) first, then every other metric in name order."""
-    path = Path(path)
+def metrics_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The leading columns (those logged) first, then every other metric in name order."""
     present = {key for row in rows for key in row}
     leading = [key for key in CSV_LEADING if key in present or key in ("step", "reward")]
-    others = sorted(present - set(leading))
+    return leading + sorted(present - set(leading))
+
+
+def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if not (isinstance(value, float) and math.isnan(value))}
+
+
+def write_metrics_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One row per logged step, in the columns of :func:`metrics_columns`."""
+    path = Path(path)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=leading + others, restval="")
+        writer = csv.DictWriter(handle, fieldnames=metrics_columns(rows), restval="")
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: value for key, value in row.items()
-                             if not (isinstance(value, float) and math.isnan(value))})
+            writer.writerow(_cells(row))
     return path
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "PAPER_MODEL",
     "PRESETS",
     "SETTINGS",
+    "RunControl",
     "RunSettings",
     "Setting",
     "build_parser",
@@ -89,6 +90,9 @@ class Setting:
     type: Callable[[str], Any] | None = None
     choices: Sequence[str] | None = None
     action: Any = None
+    nargs: str | None = None
+    const: Any = None
+    metavar: str | None = None
     help: str | None = None
     group: str | None = None
     aliases: tuple[str, ...] = ()
@@ -121,6 +125,7 @@ def _save_steps(value: int, settings: RunSettings) -> dict[str, Any]:
 
 WARMUP, GATE, GENERATION = "supervised warm-up (tiny local model only)", "gate", "generation"
 OPTIMISATION, BOOKKEEPING = "optimisation", "bookkeeping"
+RUN_FOLDER = "the output folder (an existing one is never reused silently)"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("preset", choices=("offline", "paper"), help="paper when --model is given, else offline",
@@ -228,6 +233,11 @@ SETTINGS: tuple[Setting, ...] = (
             annotation="int"),
     Setting("report_to", "none", group=BOOKKEEPING, help="none, wandb, tensorboard, ...", trainer="report_to",
             annotation="str"),
+    Setting("resume", nargs="?", const=True, metavar="CHECKPOINT", group=RUN_FOLDER, field=False,
+            help="continue the run in --output-dir from its latest checkpoint-* (or from CHECKPOINT): model, "
+                 "optimiser, scheduler, RNG, adaptive temperature, data order and metrics.csv"),
+    Setting("overwrite", action="store_true", group=RUN_FOLDER, field=False,
+            help="delete the run already in --output-dir and start over"),
 )
 FIELDS = tuple(setting for setting in SETTINGS if setting.field)
 TRAINER_CONSTANTS = {"optim": "adamw_torch"}
@@ -275,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         if setting.group not in groups:
             groups[setting.group] = parser.add_argument_group(setting.group)
         options = {key: value for key, value in (("type", setting.type), ("choices", setting.choices),
-                                                 ("action", setting.action), ("help", setting.help))
-                   if value is not None}
+                                                 ("action", setting.action), ("nargs", setting.nargs),
+                                                 ("const", setting.const), ("metavar", setting.metavar),
+                                                 ("help", setting.help)) if value is not None}
         if "choices" in options:
             options["choices"] = list(options["choices"])
         if setting.aliases:
@@ -285,16 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class RunControl:
+    """What the command line asks of the run besides its settings."""
+
+    dry_run: bool = False
+    resume: bool | str = False  # True: the latest checkpoint of the output folder; a path: that checkpoint
+    overwrite: bool = False
+
+
 def resolve_settings(argv: Sequence[str] | None = None) -> RunSettings:
     """The preset chosen by the rule in the module docstring, overridden by the flags given."""
     return parse_command_line(argv)[0]
 
 
-def parse_command_line(argv: Sequence[str] | None) -> tuple[RunSettings, bool]:
-    """``(settings, dry_run)``; combinations that cannot run end in an argparse error naming the flags."""
+def parse_command_line(argv: Sequence[str] | None) -> tuple[RunSettings, RunControl]:
+    """``(settings, control)``; combinations that cannot run end in an argparse error naming the flags."""
     parser = build_parser()
     given = vars(parser.parse_args(argv))
-    dry_run = given.pop("dry_run", False)
+    control = RunControl(given.pop("dry_run", False), given.pop("resume", False), given.pop("overwrite", False))
+    if control.resume and control.overwrite:
+        parser.error("--resume and --overwrite exclude each other: continue the run, or start over")
     for module in given.pop("gate_module", None) or []:
         importlib.import_module(module)
     preset = given.pop("preset", "paper" if given.get("model") else "offline")
@@ -302,7 +324,7 @@ def parse_command_line(argv: Sequence[str] | None) -> tuple[RunSettings, bool]:
     values.setdefault("output_dir", f"out/{values['gate']}-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = RunSettings(**values)
     _check_combinations(parser, settings, set(given))
-    return settings, dry_run
+    return settings, control
 
 
 def _check_combinations(parser: argparse.ArgumentParser, settings: RunSettings, given: set[str]) -> None:

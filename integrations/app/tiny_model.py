@@ -27,6 +27,7 @@ __all__ = [
     "load_tiny_tokenizer",
     "mark_tiny_folder",
     "save_tiny",
+    "tiny_recipe",
 ]
 
 MARKER_FILE = "tiny_model.json"  # written beside the weights; tells loaders to use the plain fast tokenizer
@@ -97,22 +98,37 @@ def build_tiny_model(
     return model
 
 
-def save_tiny(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> Path:
-    """Saves model and tokenizer side by side, plus :data:`MARKER_FILE`; load them with :func:`load_tiny`."""
+def save_tiny(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: str | Path,
+              recipe: dict | None = None) -> Path:
+    """Saves model and tokenizer side by side, plus :data:`MARKER_FILE` (with ``recipe``: everything that determined
+    the weights, see :func:`tiny_recipe`); load them with :func:`load_tiny`."""
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return mark_tiny_folder(folder, model.config)
+    return mark_tiny_folder(folder, model.config, recipe)
 
 
-def mark_tiny_folder(folder: str | Path, config: Qwen2Config) -> Path:
+def mark_tiny_folder(folder: str | Path, config: Qwen2Config, recipe: dict | None = None) -> Path:
     """Writes :data:`MARKER_FILE` into a folder that holds a tiny model and its tokenizer (saved by any means, e.g.
     ``Trainer.save_model``), so that :func:`load_tiny` and ``fused-gates-evaluate`` recognise it."""
     folder = Path(folder)
     marker = {"vocabulary": list(VOCABULARY), "hidden_size": config.hidden_size,
-              "num_hidden_layers": config.num_hidden_layers}
+              "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads}
+    if recipe is not None:
+        marker["recipe"] = recipe
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
     return folder
+
+
+def tiny_recipe(folder: str | Path) -> dict | None:
+    """The recipe recorded with a tiny model (None when the folder holds none, or a model saved without one)."""
+    marker = Path(folder) / MARKER_FILE
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()).get("recipe")
+    except (ValueError, AttributeError):
+        return None
 
 
 def is_tiny_folder(folder: str | Path) -> bool:

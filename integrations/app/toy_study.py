@@ -1,7 +1,7 @@
 """The toy gate study: the training script's offline default for GRPO's clip, the four soft gates and erf with an
 adaptive temperature, several seeds each, summarised per gate and paired against clip.
 
-    python -m fused_gates.integrations.app.toy_study --seeds 5 --out docs/toy-study
+    python -m fused_gates.integrations.app.toy_study --seeds 5 --out docs/toy-study [--resume]
 
 For each seed k it warms the tiny model up once (``<runs-dir>/initial-seed<k>``, the offline default's warm-up; every
 gate of seed k starts RL from this same model, data and sampling seed), then trains, one after the other:
@@ -10,8 +10,10 @@ gate of seed k starts RL from this same model, data and sampling seed), then tra
 * ``sigmoid`` (SAPO), ``erf``, ``arctan``, ``softsign`` with tau_pos 10, tau_neg 12 (the paper's pair);
 * ``erf-adaptive``: erf starting from 10 / 12 with ``--eur-target 0.8`` (``adaptive_gate.py``).
 
-Runs go to ``<runs-dir>/<gate>-seed<k>`` (default ``out/toy-study``, not committed). The study is resumable: a run
-whose ``metrics.csv`` exists is not rerun, so an interrupted study continues where it stopped. Then it writes to
+Runs go to ``<runs-dir>/<gate>-seed<k>`` (default ``out/toy-study``, not committed). The study is resumable: with
+``--resume`` a run that finished is not rerun and an interrupted one is started over, so an interrupted study
+continues where it stopped; an existing ``--runs-dir`` is refused without ``--resume`` or ``--overwrite`` (start
+over). SIGINT / SIGTERM stop the current run cleanly and end the study. Then it writes to
 ``--out``: ``runs.csv`` (every run's per-step metrics, a few columns), ``summary.md`` (the tables below),
 ``curves.png`` (mean over seeds against the step) and ``paired.png`` (each seed's final answer reward per gate).
 
@@ -40,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fused_gates.plots import describe_gate, load_run, metric_points, moving_average, off_policy_eur
+
+from .run_folder import FolderError, SignalFlag, clear_folder, refuse_reuse, stop_on_signals
 
 __all__ = ["STUDY_GATES", "GateSummary", "PairedComparison", "StudyGate", "format_summary", "main", "paired_with",
            "summarise"]
@@ -80,6 +84,9 @@ RUN_COLUMNS = (
 # Running
 
 
+RUNS_MARKERS = ("*-seed*", "initial-seed*")  # what --overwrite may delete: a folder holding the study's runs
+
+
 def initial_model(seed: int, runs_dir: Path) -> Path:
     """The offline default's warmed-up tiny model for ``seed``, built once and shared by every gate of the seed."""
     from .settings import resolve_settings
@@ -89,19 +96,22 @@ def initial_model(seed: int, runs_dir: Path) -> Path:
     return prepare_tiny_policy(settings, runs_dir / f"initial-seed{seed}")
 
 
-def run_one(gate: StudyGate, seed: int, runs_dir: Path) -> Path:
-    """Trains one run with the offline preset (skipped when its ``metrics.csv`` exists); returns its folder."""
+def run_one(gate: StudyGate, seed: int, runs_dir: Path, flag: SignalFlag | None = None) -> Path | None:
+    """Trains one run with the offline preset (skipped when it finished before; an interrupted one starts over);
+    returns its folder, or None when a signal stopped it."""
     from . import train
-    from .settings import resolve_settings
+    from .settings import RunControl, resolve_settings
 
     folder = runs_dir / f"{gate.name}-seed{seed}"
-    if (folder / "metrics.csv").is_file():
+    if train.run_finished(folder):
         return folder
     start = initial_model(seed, runs_dir)
     settings = resolve_settings(["--preset", "offline", "--model", str(start), "--sft-steps", "0", *gate.flags,
                                  "--seed", str(seed), "--output-dir", str(folder)])
     began = time.perf_counter()
-    train.train(settings)
+    result = train.train(settings, RunControl(overwrite=folder.exists()), flag=flag)
+    if result.interrupted is not None:
+        return None
     print(f"[toy study] {folder.name}: {time.perf_counter() - began:.0f} s", flush=True)
     return folder
 
@@ -415,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.5, help="answer reward for 'steps to threshold'")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window, in logged values")
     parser.add_argument("--summarise-only", action="store_true", help="only summarise the runs already in --out")
+    folder = parser.add_mutually_exclusive_group()
+    folder.add_argument("--resume", action="store_true",
+                        help="continue the study in --runs-dir: finished runs are kept, interrupted ones rerun")
+    folder.add_argument("--overwrite", action="store_true", help="delete the runs in --runs-dir and start over")
     return parser
 
 
@@ -430,11 +444,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summarise_only:
         rows = read_rows(out / "runs.csv")
     else:
+        runs_dir = Path(args.runs_dir)
+        try:
+            refuse_reuse(runs_dir, "a toy study's runs", resume=args.resume, overwrite=args.overwrite)
+            if args.overwrite:
+                clear_folder(runs_dir, RUNS_MARKERS)
+        except FolderError as error:
+            parser.error(str(error))
         began = time.perf_counter()
-        folders = [(gate.name, seed, run_one(gate, seed, Path(args.runs_dir)))
-                   for seed in range(args.seeds) for gate in gates]
+        flag = SignalFlag()
+        folders = []
+        with stop_on_signals(flag, "stopping the study after the current run's step"):
+            for seed in range(args.seeds):
+                for gate in gates:
+                    folder = run_one(gate, seed, runs_dir, flag)
+                    if folder is None:
+                        print(f"[toy study] stopped by {flag.name}; continue with --resume", flush=True)
+                        return 128 + int(flag.signum)
+                    folders.append((gate.name, seed, folder))
         print(f"[toy study] {len(folders)} runs in {(time.perf_counter() - began) / 60:.1f} min "
-              "(runs already present were reused)", flush=True)
+              "(finished runs already present were reused)", flush=True)
         rows = collect_rows(folders)
         write_rows(rows, out / "runs.csv")
     options = {"final_window": args.final_window, "threshold": args.threshold, "smooth": args.smooth}

@@ -8,8 +8,17 @@ configuration), the table, ``metrics.csv`` and ``metrics.png`` in ``run_report.p
    up on the answer format (``warmup.py``) and saved as ``<output-dir>/initial-model``, the policy RL starts from;
 2. trains it with ``GatedGRPOTrainer`` (reward = format + answer, paper eq. 9), printing one table line per step;
 3. saves the trained policy to ``<output-dir>/final-model`` (always, whatever ``--save-steps`` is) and writes
-   ``run_config.json``, ``metrics.csv`` and ``metrics.png``; for the synthetic task also ``synthetic-eval.jsonl``
-   (every problem once) for ``fused-gates-evaluate``, whose command line it prints.
+   ``metrics.png``; for the synthetic task also ``synthetic-eval.jsonl`` (every problem once) for
+   ``fused-gates-evaluate``, whose command line it prints.
+
+Nothing is lost on the way: ``run_config.json`` (the resolved configuration, the model RL started from and the
+SHA-256 of its weights) is written before training, and ``metrics.csv`` gets each logged step as it is logged.
+SIGINT (Ctrl-C) or SIGTERM stops the run after the current step -- with checkpoints on (``--save-steps N``) at the
+end of the current generation batch, saving a checkpoint there, so that a resume continues exactly -- and prints
+where everything is. ``--resume`` continues from the latest ``checkpoint-*`` (or ``--resume PATH``): model,
+optimiser, scheduler, RNG, the adaptive temperature, the data order and ``metrics.csv`` (rows logged after the
+checkpoint are dropped). An existing output folder is refused unless ``--resume`` or ``--overwrite`` says what to
+do with it.
 
 Multi-GPU: ``accelerate launch --config_file <zero2.yaml|zero3.yaml> -m fused_gates.integrations.app.train ...``.
 """
@@ -25,17 +34,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
+from .run_folder import (
+    FolderError,
+    SignalFlag,
+    checkpoint_step,
+    clear_folder,
+    latest_checkpoint,
+    refuse_reuse,
+    stop_on_signals,
+    weights_sha256,
+)
 from .run_report import (
     ANSWER_REWARD,
     FORMAT_REWARD,
+    MetricsFile,
     StepMetricsCallback,
     TableCallback,
     mean_off_policy_eur,
+    read_metrics_csv,
     window_means,
     write_metrics_csv,
     write_metrics_plot,
 )
-from .settings import RunSettings, describe, parse_command_line, trainer_arguments
+from .settings import RunControl, RunSettings, describe, parse_command_line, trainer_arguments
 
 __all__ = [
     "RunResult",
@@ -49,6 +72,10 @@ __all__ = [
 INITIAL_MODEL = "initial-model"
 FINAL_MODEL = "final-model"
 SYNTHETIC_EVAL = "synthetic-eval.jsonl"
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.csv"
+# what a training run's folder holds: --overwrite deletes only a folder with one of these
+RUN_MARKERS = (RUN_CONFIG, METRICS, INITIAL_MODEL, FINAL_MODEL, "checkpoint-*")
 
 
 @dataclass(frozen=True)
@@ -56,26 +83,46 @@ class RunResult:
     output_dir: Path
     rows: list[dict[str, float]]  # one per logged step
     initial_model: Path | None  # the saved policy RL started from (None: a Hub model, unchanged)
-    final_model: Path
+    final_model: Path | None  # None when the run was interrupted
+    interrupted: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM")
+    checkpoint: Path | None = None  # the last checkpoint saved (None: checkpoints off)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model, tokenizer, data
 
 
+def warmup_recipe(settings: RunSettings) -> dict[str, Any]:
+    """Everything that determines the tiny model RL starts from (recorded with it; reused only when equal)."""
+    from .tiny_model import VOCABULARY
+
+    recipe = {"seed": settings.seed, "sft_steps": settings.sft_steps, "vocabulary": list(VOCABULARY),
+              "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4}}
+    if settings.sft_steps:
+        recipe.update(sft_learning_rate=settings.sft_learning_rate, sft_answers=settings.sft_answers,
+                      max_operand=settings.max_operand)
+    return recipe
+
+
 def prepare_tiny_policy(settings: RunSettings, folder: str | Path) -> Path:
     """The tiny local model RL starts from, saved in ``folder``: built from ``settings.seed`` and warmed up for
-    ``settings.sft_steps`` steps on the answer format. A folder that already holds a tiny model is reused as is (the
-    toy study shares one warm-up among the gates of a seed: it is a deterministic function of the settings)."""
+    ``settings.sft_steps`` steps on the answer format. A folder that already holds a tiny model built by the same
+    recipe (:func:`warmup_recipe`: seed, warm-up and model shape) is reused as is (the toy study shares one warm-up
+    among the gates of a seed); one built otherwise is rebuilt."""
     from .data import synthetic_problems
-    from .tiny_model import build_tiny_model, build_tiny_tokenizer, is_tiny_folder, save_tiny
+    from .tiny_model import build_tiny_model, build_tiny_tokenizer, is_tiny_folder, save_tiny, tiny_recipe
     from .warmup import supervised_warmup
 
     folder = Path(folder)
+    recipe = warmup_recipe(settings)
     if is_tiny_folder(folder):
-        return folder
+        if tiny_recipe(folder) == recipe:
+            return folder
+        print(f"{folder} holds a tiny model of another recipe (seed, warm-up or shape); rebuilding it", flush=True)
+    shape = recipe["model"]
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, seed=settings.seed)
+    model = build_tiny_model(tokenizer, seed=settings.seed, hidden_size=shape["hidden_size"],
+                             num_layers=shape["num_layers"], num_heads=shape["num_heads"])
     if settings.sft_steps:
         problems = synthetic_problems(settings.max_operand)
         result = supervised_warmup(model, tokenizer, [f"{question}=" for question, _ in problems],
@@ -84,7 +131,7 @@ def prepare_tiny_policy(settings: RunSettings, folder: str | Path) -> Path:
                                    answer_source=settings.sft_answers)
         print(f"format warm-up: {result.steps} steps ({settings.sft_answers} answers), completion loss "
               f"{result.first_loss:.3f} -> {result.last_loss:.3f}", flush=True)
-    return save_tiny(model, tokenizer, folder)
+    return save_tiny(model, tokenizer, folder, recipe)
 
 
 def load_model_and_tokenizer(settings: RunSettings) -> tuple[Any, Any, Path | None]:
@@ -144,11 +191,95 @@ def _gated_config(settings: RunSettings):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def prepare_output(settings: RunSettings, control: RunControl) -> Path | None:
+    """Applies the folder rules before anything is loaded; returns the checkpoint to resume from (None: a new run).
+    Raises :class:`FolderError` naming ``--resume`` / ``--overwrite``."""
+    output_dir = Path(settings.output_dir)
+    refuse_reuse(output_dir, "a training run", resume=bool(control.resume), overwrite=control.overwrite)
+    if not control.resume:
+        return None
+    checkpoint = latest_checkpoint(output_dir) if control.resume is True else Path(control.resume)
+    if checkpoint is None:
+        raise FolderError(f"--resume: no checkpoint-* in {output_dir} to continue from (checkpoints are saved with "
+                          "--save-steps N); pass --overwrite to start over")
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise FolderError(f"--resume: {checkpoint} is not a checkpoint (no trainer_state.json)")
+    saved = output_dir / RUN_CONFIG
+    if saved.is_file():
+        before = json.loads(saved.read_text()).get("settings", {})
+        now = dataclasses.asdict(settings)
+        # what may change on a resume: the length of the run and its bookkeeping
+        free = {"preset", "output_dir", "max_steps", "logging_steps", "save_steps", "report_to"}
+        changed = sorted(name for name in now if name not in free and before.get(name, now[name]) != now[name])
+        if changed:
+            raise FolderError("--resume: the run in " f"{output_dir} was started with other "
+                              f"{', '.join('--' + name.replace('_', '-') for name in changed)} "
+                              f"({', '.join(f'{before[name]!r}' for name in changed)}); resume it with its own "
+                              "flags, or pass --overwrite to start over")
+    return checkpoint
+
+
+class StopOnSignal(TrainerCallback):
+    """Ends training cleanly after SIGINT / SIGTERM (:class:`SignalFlag`): at the next optimiser step, or, with
+    checkpoints on, at the end of the current generation batch, where a checkpoint is saved (a resume regenerates
+    from there, as the uninterrupted run does). Every process stops at the same step (the flag is all-reduced)."""
+
+    def __init__(self, flag: SignalFlag, steps_per_batch: int, checkpoints: bool) -> None:
+        self.flag = flag
+        self.steps_per_batch = max(steps_per_batch, 1)  # optimiser steps per generated batch
+        self.checkpoints = checkpoints
+        self.stopped_at: int | None = None
+
+    def _any_process_flagged(self) -> bool:
+        import torch.distributed as dist
+
+        flagged = bool(self.flag)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            value = torch.tensor([float(flagged)], device=device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            flagged = bool(value.item())
+        return flagged
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._any_process_flagged():
+            return control
+        if self.checkpoints and state.global_step % self.steps_per_batch:
+            return control  # finish the generated batch first
+        control.should_training_stop = True
+        control.should_log = True
+        if self.checkpoints:
+            control.should_save = True
+        self.stopped_at = state.global_step
+        return control
+
+
+def _write_run_config(output_dir: Path, settings: RunSettings, initial_model: Path | None, **extra: Any) -> None:
+    config = describe(settings)
+    config["initial_model"] = None if initial_model is None else str(initial_model)
+    config["initial_model_sha256"] = None if initial_model is None else weights_sha256(initial_model)
+    config.update(extra)
+    # the resolved configuration, so that `fused-gates plot-runs` can label the run by gate and temperatures
+    temporary = output_dir / (RUN_CONFIG + ".tmp")
+    temporary.write_text(json.dumps(config, indent=1, default=str) + "\n")
+    temporary.replace(output_dir / RUN_CONFIG)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The run
 
 
-def train(settings: RunSettings) -> RunResult:
-    """Builds the trainer, trains, saves the final model and writes the reports (see the module docstring)."""
+def train(settings: RunSettings, control: RunControl | None = None, *, flag: SignalFlag | None = None) -> RunResult:
+    """Builds the trainer, trains, saves the final model and writes the reports (see the module docstring).
+
+    ``control``: ``--resume`` / ``--overwrite`` (checked by :func:`prepare_output`); ``flag``: set by a signal to stop
+    the run cleanly (:func:`main` installs the handlers)."""
+    from accelerate import PartialState
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from fused_gates.plots import describe_gate
@@ -158,7 +289,15 @@ def train(settings: RunSettings) -> RunResult:
     from .rewards import answer_reward, format_reward
     from .tiny_model import mark_tiny_folder
 
+    control = control or RunControl()
+    flag = flag if flag is not None else SignalFlag()
     output_dir = Path(settings.output_dir)
+    checkpoint = prepare_output(settings, control)
+    state = PartialState()
+    main_process = state.is_main_process
+    if control.overwrite and main_process:
+        clear_folder(output_dir, RUN_MARKERS)
+    state.wait_for_everyone()
     output_dir.mkdir(parents=True, exist_ok=True)
     # The config comes first: under DeepSpeed ZeRO-3 it must exist before the weights are loaded (sharded loading).
     config = _gated_config(settings)
@@ -172,17 +311,37 @@ def train(settings: RunSettings) -> RunResult:
         train_dataset=dataset,
         processing_class=tokenizer,
     )
-    collector = StepMetricsCallback()
+    earlier: list[dict[str, float]] = []
+    if checkpoint is not None and (output_dir / METRICS).is_file():
+        # the rows up to the checkpoint; those logged after it (before the interruption) are logged again
+        earlier = read_metrics_csv(output_dir / METRICS, up_to_step=checkpoint_step(checkpoint))
+    metrics_file = None
+    if main_process:
+        _write_run_config(output_dir, settings, initial_model, final_model=None, finished=False,
+                          resumed_from=None if checkpoint is None else str(checkpoint))
+        metrics_file = MetricsFile(output_dir / METRICS, earlier)
+    collector = StepMetricsCallback(earlier, metrics_file)
+    steps_per_batch = config.num_iterations * config.steps_per_generation // config.gradient_accumulation_steps
+    stopper = StopOnSignal(flag, steps_per_batch, checkpoints=settings.save_steps > 0)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(collector)
     trainer.add_callback(TableCallback(collector, adaptive=settings.eur_target is not None))
-    main_process = trainer.is_world_process_zero()
+    trainer.add_callback(stopper)
     if main_process:
+        start = "" if checkpoint is None else f", resuming from {checkpoint}"
         print(f"{settings.preset} preset: model {settings.model or 'tiny local model'}, gate "
               f"{describe_gate(dataclasses.asdict(settings))}, {len(dataset)} prompts, "
-              f"Liger kernels {'on' if liger else 'off'}, output {output_dir}", flush=True)
-    trainer.train()
+              f"Liger kernels {'on' if liger else 'off'}, output {output_dir}{start}", flush=True)
+    trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
+    if stopper.stopped_at is not None:
+        saved = latest_checkpoint(output_dir) if settings.save_steps > 0 else None
+        if main_process:
+            where = (f"checkpoint {saved}; continue with --resume" if saved is not None
+                     else "no checkpoint (--save-steps 0); a rerun needs --overwrite")
+            print(f"{flag.name}: stopped after step {stopper.stopped_at}; metrics of every logged step in "
+                  f"{output_dir / METRICS}, configuration in {output_dir / RUN_CONFIG}, {where}", flush=True)
+        return RunResult(output_dir, collector.rows, initial_model, None, flag.name, saved)
     final_model = output_dir / FINAL_MODEL
     trainer.save_model(str(final_model))  # every process: under ZeRO-3 the weights are gathered for the save
     if main_process:
@@ -190,20 +349,26 @@ def train(settings: RunSettings) -> RunResult:
             mark_tiny_folder(final_model, trainer.model.config)
         if settings.dataset == "synthetic":
             write_synthetic_jsonl(output_dir / SYNTHETIC_EVAL, settings.max_operand)
+        _write_run_config(output_dir, settings, initial_model, final_model=str(final_model), finished=True,
+                          resumed_from=None if checkpoint is None else str(checkpoint))
         _write_reports(collector.rows, output_dir, settings, initial_model, final_model)
     return RunResult(output_dir, collector.rows, initial_model, final_model)
+
+
+def run_finished(folder: str | Path) -> bool:
+    """Whether the training run in ``folder`` ran to its end (an interrupted one has no final model)."""
+    path = Path(folder) / RUN_CONFIG
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    return bool(config.get("finished", (Path(folder) / FINAL_MODEL).is_dir()))
 
 
 def _write_reports(rows: list[dict[str, float]], output_dir: Path, settings: RunSettings,
                    initial_model: Path | None, final_model: Path) -> None:
     from fused_gates.plots import describe_gate
 
-    config = describe(settings)
-    config["initial_model"] = None if initial_model is None else str(initial_model)
-    config["final_model"] = str(final_model)
-    # the resolved configuration, so that `fused-gates plot-runs` can label the run by gate and temperatures
-    (output_dir / "run_config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
-    csv_path = write_metrics_csv(rows, output_dir / "metrics.csv")
+    csv_path = write_metrics_csv(rows, output_dir / METRICS)  # the same rows, in the final column order
     title = describe_gate(dataclasses.asdict(settings)) or settings.gate
     plot_path = write_metrics_plot(rows, output_dir / "metrics.png", title=title, eur_target=settings.eur_target)
     print(window_means(rows, ANSWER_REWARD).describe("answer reward"))
@@ -224,11 +389,23 @@ def _write_reports(rows: list[dict[str, float]], output_dir: Path, settings: Run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, dry_run = parse_command_line(argv)
-    if dry_run:
+    """The command line; exit status 0, 2 for a refused command line or output folder, 128 + the signal's number
+    for a run stopped by SIGINT / SIGTERM."""
+    import signal
+
+    settings, control = parse_command_line(argv)
+    if control.dry_run:
         print(json.dumps(describe(settings), indent=2))
         return 0
-    train(settings)
+    flag = SignalFlag()
+    try:
+        with stop_on_signals(flag, "stopping at the next safe point (metrics are on disk)"):
+            result = train(settings, control, flag=flag)
+    except FolderError as error:
+        print(f"fused-gates-train: error: {error}", file=sys.stderr)
+        return 2
+    if result.interrupted is not None:
+        return 128 + int(signal.Signals[result.interrupted])
     return 0
 
 
