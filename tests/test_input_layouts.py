@@ -204,18 +204,21 @@ FLOAT16_OPTIONS = dict(gate="sigmoid", entropy_coef=0.01)
 
 
 def _float16_head_inputs():
-    """Logits whose softmax tail is below float16's range at a unit upstream gradient: 8 vocabulary rows with a bias
-    of -12, whose entries of dz (p g, and the entropy term's p (z - mean)) are ~1e-9 .. 7e-8, below or at float16's
-    smallest subnormal (6e-8); times 65536 they are normal float16 numbers (up to ~5e-3). A correct float16 backward
-    keeps each tail row of the weight gradient to ~6e-4 relative (simulated: dz formed with the scale, rounded to
-    float16, float32 products), one that stores dz for a unit gradient and scales afterwards zeroes those rows."""
+    """Logits whose softmax tail is below float16's range at a unit upstream gradient: 8 vocabulary rows 12 nats down
+    (a constant hidden feature times -12, so that the case needs no lm_head bias), whose entries of dz (p g and the
+    entropy term's p (z - mean)) are at most ~5e-8, below or at float16's smallest subnormal (6e-8); times 65536 they
+    are normal float16 numbers (up to ~3e-3). Simulated, a correct float16 backward (dz formed with the scale, rounded
+    to float16, float32 products) keeps every row of both gradients to ~5e-4 relative; one that stores dz for a unit
+    gradient and scales afterwards zeroes ~80 elements of the tail rows of the weight gradient."""
     inputs = make_inputs(B, T, H, V, seed=8, masked_row=False, zero_advantage_row=False)
-    inputs.bias[V - 8 :] = -12.0
+    inputs.hidden[..., 0] = 1.0
+    inputs.weight[V - 8 :, 0] = -12.0
     return inputs
 
 
-def _float16_grads(backend: str, inputs, scale: float) -> dict[str, torch.Tensor]:
+def _float16_grads(backend: str, inputs, scale: float, with_bias: bool) -> dict[str, torch.Tensor]:
     h, w, b = (x.detach().half().to(DEVICE).requires_grad_() for x in (inputs.hidden, inputs.weight, inputs.bias))
+    b = b if with_bias else None
     out = gated_policy_loss(h, w, inputs.ids.to(DEVICE), inputs.advantages.half().to(DEVICE), inputs.mask.to(DEVICE),
                             inputs.old.half().to(DEVICE), bias=b, backend=backend, **FLOAT16_OPTIONS)
     (scale * out.loss).backward()
@@ -253,31 +256,31 @@ torch.mm, torch.addmm = mm, addmm
 from fused_gates import gated_policy_loss  # noqa: E402
 
 data = torch.load(sys.argv[1])
-grads = {}
-for scale in (1.0, data["scale"]):
-    h, w, b = (data[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    out = gated_policy_loss(h, w, data["ids"], data["advantages"], data["mask"], data["old"], bias=b,
-                            backend=data["backend"], **data["options"])
-    (scale * out.loss).backward()
-    grads[scale] = {"hidden": h.grad.double(), "weight": w.grad.double()}
-torch.save(grads, sys.argv[2])
+h, w = (data[k].clone().requires_grad_() for k in ("hidden", "weight"))
+b = None if data["bias"] is None else data["bias"].clone().requires_grad_()
+out = gated_policy_loss(h, w, data["ids"], data["advantages"], data["mask"], data["old"], bias=b,
+                        backend=data["backend"], **data["options"])
+(data["scale"] * out.loss).backward()
+torch.save({"hidden": h.grad.double(), "weight": w.grad.double()}, sys.argv[2])
 """
 
 
-def _float16_grads_with_float32_output_products(backend: str, inputs, tmp_path) -> tuple[dict, dict]:
+def _float16_grads_with_float32_output_products(backend: str, inputs, scale: float, with_bias: bool,
+                                                tmp_path) -> dict[str, torch.Tensor]:
     import subprocess
     import sys
 
     worker = tmp_path / "worker.py"
     worker.write_text(FLOAT32_OUTPUT_PRODUCTS_WORKER)
     data = {k: getattr(inputs, k).detach().half() for k in ("hidden", "weight", "bias", "advantages", "old")}
-    data.update(ids=inputs.ids, mask=inputs.mask, backend=backend, options=FLOAT16_OPTIONS, scale=SCALE)
+    data.update(ids=inputs.ids, mask=inputs.mask, backend=backend, options=FLOAT16_OPTIONS, scale=scale)
+    if not with_bias:
+        data["bias"] = None
     torch.save(data, tmp_path / "inputs.pt")
     result = subprocess.run([sys.executable, str(worker), str(tmp_path / "inputs.pt"), str(tmp_path / "grads.pt")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    grads = torch.load(tmp_path / "grads.pt")
-    return grads[1.0], grads[SCALE]
+    return torch.load(tmp_path / "grads.pt")
 
 
 PRODUCTS = {
@@ -287,20 +290,21 @@ PRODUCTS = {
 }
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("emulate", PRODUCTS.values(), ids=PRODUCTS.keys())
 @pytest.mark.parametrize("backend", COMPUTING_BACKENDS)
-def test_float16_gradient_under_a_loss_scale_keeps_the_softmax_tail(backend, emulate, tmp_path):
+def test_float16_gradient_under_a_loss_scale_keeps_the_softmax_tail(backend, emulate, with_bias, tmp_path):
     """``(65536 * loss).backward()`` is 65536 times the gradient: within float16 precision of the float64 truth of
     the same float16 inputs, and nothing flushed to zero where the scaled truth is well inside float16's range (a
     backward that forms dz in float16 for a unit upstream gradient and scales afterwards loses the tail)."""
     if emulate and torch.cuda.is_available():
         pytest.skip("CUDA has float16 products with a float32 result: the native-products case covers them")
     inputs = _float16_head_inputs()
-    truth = run_reference(inputs, dtype=torch.float16, **FLOAT16_OPTIONS).grads
+    truth = run_reference(inputs, dtype=torch.float16, bias=with_bias, **FLOAT16_OPTIONS).grads
     if emulate:
-        _, scaled = _float16_grads_with_float32_output_products(backend, inputs, tmp_path)
+        scaled = _float16_grads_with_float32_output_products(backend, inputs, SCALE, with_bias, tmp_path)
     else:
-        scaled = _float16_grads(backend, inputs, SCALE)
+        scaled = _float16_grads(backend, inputs, SCALE, with_bias)
     for name, exact in zip(("hidden", "weight"), truth[:2], strict=True):
         exact_scaled = SCALE * exact
         # the design of the case: some unit-scale entries are below float16's subnormals, their scaled ones are not
