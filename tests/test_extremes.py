@@ -51,7 +51,7 @@ def test_single_token_batch_matches_reference():
 
 
 def test_vocabulary_not_a_multiple_of_the_block():
-    from fused_gates.backend import VOCAB_BLOCK
+    from fused_gates.torch_backend import VOCAB_BLOCK
 
     vocab = 2 * VOCAB_BLOCK + 37
     inputs = make_inputs(batch=2, length=3, hidden_size=6, vocab=vocab, seed=4)

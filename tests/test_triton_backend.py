@@ -327,10 +327,10 @@ def test_token_logprobs_match_reference(dtype, method, monkeypatch):
 
 
 def test_statistics_method_auto_picks_by_token_count():
-    from fused_gates.backend import HeadSpec
-    from fused_gates.kernels.launcher import CUBLAS_STATISTICS_MIN_TOKENS, choose_statistics_method
+    from fused_gates.head import Head
+    from fused_gates.kernels.triton_backend import CUBLAS_STATISTICS_MIN_TOKENS, choose_statistics_method
 
-    head = HeadSpec(torch.zeros(3, 2), None, 1.0, 64.0)
+    head = Head(torch.zeros(3, 2), None, 1.0, 64.0)
     assert choose_statistics_method(CUBLAS_STATISTICS_MIN_TOKENS - 1, head) == "dot"
     assert choose_statistics_method(CUBLAS_STATISTICS_MIN_TOKENS, head) == "cublas"
 
