@@ -154,11 +154,14 @@ class TransformersGenerator:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 8
     seed: int = 0
+    _seeded: bool = field(default=False, init=False, repr=False)
 
     def __call__(self, questions: Sequence[str], num_samples: int) -> list[list[str]]:
         import torch
 
-        torch.manual_seed(self.seed)
+        if not self._seeded:  # once: the problems asked in several calls get the samples of one call
+            torch.manual_seed(self.seed)
+            self._seeded = True
         conversational = getattr(self.tokenizer, "chat_template", None) is not None
         prompts = make_prompts(questions, conversational)
         results: list[list[str]] = []
@@ -312,7 +315,7 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 def run(args: Any, generate: Callable[[Sequence[str], int], list[list[str]]] | None = None) -> float:
     """The ``fused-gates-evaluate`` command (``generate`` replaces the model, for tests): problems are answered in
-    batches of ``--batch-size`` and each one's line is appended to the results file at once."""
+    batches of ``--batch-size`` (vLLM: all at once) and each one's line is appended to the results file at once."""
     from .run_folder import FolderError, clear_folder, refuse_reuse
 
     benchmark = BENCHMARKS[args.benchmark]
@@ -340,8 +343,10 @@ def run(args: Any, generate: Callable[[Sequence[str], int], list[list[str]]] | N
     with path.open("w") as handle:
         # the finished lines first (rewritten whole: drops a line cut off by an interruption), then each new one
         handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in done)
-        for start in range(0, len(pending), args.batch_size):
-            _, results = evaluate(pending[start : start + args.batch_size], generate, args.num_samples)
+        # vLLM schedules every prompt itself (and loads the model per call): one call
+        size = max(len(pending), 1) if isinstance(generate, VLLMGenerator) else args.batch_size
+        for start in range(0, len(pending), size):
+            _, results = evaluate(pending[start : start + size], generate, args.num_samples)
             for result in results:
                 handle.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
                 done.append(asdict(result))
