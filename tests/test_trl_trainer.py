@@ -71,9 +71,9 @@ MEANINGLESS = {
     "temperature_of_the_clip": (dict(gate_tau_pos=2.0), "gate_tau_pos: gate 'clip' has no temperature"),
     "temperature_of_cispo": (dict(loss_type="cispo", gate_tau_neg=2.0), "gate 'cispo' has no temperature"),
     "unknown_gate": (dict(gate="tanh"), "gate:"),
-    "non_positive_temperature": (dict(gate="erf", gate_tau_pos=0.0), "gate_tau_pos: must be > 0"),
+    "non_positive_temperature": (dict(gate="erf", gate_tau_pos=0.0), "gate_tau_pos: must be .*> 0"),
     "non_positive_sapo_temperature": (dict(loss_type="sapo", sapo_temperature_neg=-1.0),
-                                      "sapo_temperature_neg: must be > 0"),
+                                      "sapo_temperature_neg: must be .*> 0"),
     "unknown_backend": (dict(gate_backend="cuda"), "gate_backend='cuda'"),
     "unknown_nonfinite_policy": (dict(gate_on_nonfinite="skip"), "gate_on_nonfinite='skip'"),
     "rate_without_target": (dict(gate="erf", gate_eur_rate=0.5), "gate_eur_rate is set without gate_eur_target"),
@@ -291,7 +291,7 @@ def test_set_gate_temperatures_applies_to_later_losses(model_dir, tmp_path):
     after = batch_loss(trainer, inputs)
     assert after == pytest.approx(batch_loss(reference, inputs), rel=1e-6)
     assert after != pytest.approx(before, rel=1e-3)
-    with pytest.raises(ValueError, match="tau_neg: must be > 0"):
+    with pytest.raises(ValueError, match="tau_neg: must be .*> 0"):
         trainer.set_gate_temperatures(1.0, 0.0)
 
 
