@@ -291,7 +291,7 @@ def test_set_gate_temperatures_applies_to_later_losses(model_dir, tmp_path):
     after = batch_loss(trainer, inputs)
     assert after == pytest.approx(batch_loss(reference, inputs), rel=1e-6)
     assert after != pytest.approx(before, rel=1e-3)
-    with pytest.raises(ValueError, match="tau_neg: must be .*> 0"):
+    with pytest.raises(ValueError, match=r"tau_neg: must be .*> 0"):
         trainer.set_gate_temperatures(1.0, 0.0)
 
 
