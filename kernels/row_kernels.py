@@ -95,14 +95,13 @@ def _row_write_grad(
     mean_logit,
     grad_logprob,
     grad_entropy,
-    dz_scale,
     HAS_BIAS: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Pass 2: ``dz_scale * dz`` with ``dz = g (onehot - p) - e p (z - mean_p z)``, times the soft-cap's slope (reads
-    each block before writing it)."""
+    """Pass 2: ``dz = g (onehot - p) - e p (z - mean_p z)``, times the soft-cap's slope (reads each block before
+    writing it)."""
     for v_start in range(0, V, BLOCK_V):
         o_v = v_start + tl.arange(0, BLOCK_V)
         m_v = o_v < V
@@ -113,21 +112,7 @@ def _row_write_grad(
         b_dz += tl.where(o_v == target, grad_logprob, 0.0)
         if HAS_SOFTCAP:
             b_dz *= softcap_slope(b_z, inv_temperature, softcap)
-        tl.store(p_dz_row + o_v, (b_dz * dz_scale).to(p_dz_row.dtype.element_ty), mask=m_v)
-
-
-@triton.jit
-def _dz_row_scale(p_dz_scale, i, grad_logprob, grad_entropy, entropy, HAS_DZ_SCALE: tl.constexpr):
-    """The factor dz is stored with. float16 dz (range 6e-8 ... 65504): each row scaled so that its bound
-    ``|g| + |e| (1/e + H)`` (``|p (z - mean_p z)| = |p log p + p H| <= 1/e + H``) maps to 2^14, whatever the upstream
-    gradient will be; ``1 / scale`` is stored for the products to apply in float32. Otherwise 1."""
-    if HAS_DZ_SCALE:
-        bound = tl.abs(grad_logprob) + tl.abs(grad_entropy) * (0.36787944117144233 + entropy)
-        scale = tl.where(bound > 0.0, 16384.0 / tl.maximum(bound, 1e-30), 1.0)
-        tl.store(p_dz_scale + i, 1.0 / scale)
-    else:
-        scale = 1.0
-    return scale
+        tl.store(p_dz_row + o_v, b_dz.to(p_dz_row.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -198,7 +183,6 @@ def token_objective(
         "HAS_ENTROPY": _given("p_entropy_weight"),
         "HAS_POLICY_WEIGHT": _given("p_policy_weight"),
         "HAS_SOFTCAP": _given("softcap"),
-        "HAS_DZ_SCALE": _given("p_dz_scale"),
     }
 )
 @triton.jit
@@ -222,7 +206,6 @@ def fused_token_rows_kernel(
     p_kl,
     p_grad_logprobs,
     p_token_loss,
-    p_dz_scale,
     V,
     stride_logits,
     stride_dz,
@@ -244,7 +227,6 @@ def fused_token_rows_kernel(
     HAS_ENTROPY: tl.constexpr,
     HAS_POLICY_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_DZ_SCALE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One token row: statistics, the objective's epilogue, then dz over the row."""
@@ -306,7 +288,6 @@ def fused_token_rows_kernel(
         mean_logit,
         grad_logprob,
         entropy_weight,
-        _dz_row_scale(p_dz_scale, i, grad_logprob, entropy_weight, entropy, HAS_DZ_SCALE),
         HAS_BIAS,
         HAS_ENTROPY,
         HAS_SOFTCAP,
@@ -350,12 +331,7 @@ def rows_statistics_kernel(
 
 
 @triton.heuristics(
-    {
-        "HAS_BIAS": _given("p_bias"),
-        "HAS_ENTROPY": _given("p_grad_entropy"),
-        "HAS_SOFTCAP": _given("softcap"),
-        "HAS_DZ_SCALE": _given("p_dz_scale"),
-    }
+    {"HAS_BIAS": _given("p_bias"), "HAS_ENTROPY": _given("p_grad_entropy"), "HAS_SOFTCAP": _given("softcap")}
 )
 @triton.jit
 def rows_grad_kernel(
@@ -367,7 +343,6 @@ def rows_grad_kernel(
     p_entropy,
     p_grad_logprobs,
     p_grad_entropy,
-    p_dz_scale,
     V,
     stride_logits,
     stride_dz,
@@ -376,16 +351,13 @@ def rows_grad_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_DZ_SCALE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """dz of one row from saved statistics: ``mean_p z = lse - H``."""
     i = tl.program_id(0)
     log_sum_exp = tl.load(p_log_sum_exp + i)
-    entropy = tl.load(p_entropy + i)
-    grad_logprob = tl.load(p_grad_logprobs + i)
     grad_entropy = tl.load(p_grad_entropy + i) if HAS_ENTROPY else 0.0
-    mean_logit = log_sum_exp - entropy if HAS_ENTROPY else 0.0
+    mean_logit = log_sum_exp - tl.load(p_entropy + i) if HAS_ENTROPY else 0.0
     _row_write_grad(
         p_logits + i.to(tl.int64) * stride_logits,
         p_dz + i.to(tl.int64) * stride_dz,
@@ -396,9 +368,8 @@ def rows_grad_kernel(
         softcap,
         log_sum_exp,
         mean_logit,
-        grad_logprob,
+        tl.load(p_grad_logprobs + i),
         grad_entropy,
-        _dz_row_scale(p_dz_scale, i, grad_logprob, grad_entropy, entropy, HAS_DZ_SCALE),
         HAS_BIAS,
         HAS_ENTROPY,
         HAS_SOFTCAP,

@@ -156,20 +156,15 @@ class TritonChunks:
         )
         return ChunkStatistics(*out)
 
-    def _dz_scale(self, dz: Tensor) -> Tensor | None:
-        """Where a float16 dz is written, the per-row factor it is stored with (``row_kernels._dz_row_scale``)."""
-        return torch.empty(dz.shape[0], device=dz.device) if dz.dtype == torch.float16 else None
-
     def _write_gradient(self, logits: Tensor, targets: ChunkTargets, saved: SavedStatistics) -> ChunkGradient:
         dz = self._grad_buffer(logits.shape[0])
-        dz_scale = self._dz_scale(dz)
         grid, launch = _row_launch(logits.shape[0])
         rows_grad_kernel[grid](
             logits, dz, self.head.bias, targets.one_hot.contiguous(), _flat(saved.log_sum_exp), _flat(saved.entropy),
-            _flat(saved.grad_logprobs), _flat(saved.grad_entropy), dz_scale, self.head.local_vocab, logits.stride(0),
+            _flat(saved.grad_logprobs), _flat(saved.grad_entropy), self.head.local_vocab, logits.stride(0),
             dz.stride(0), self.head.inv_temperature, self.head.softcap, **launch,
         )
-        return ChunkGradient(dz, row_scale=dz_scale)
+        return ChunkGradient(dz)
 
     def gradient(self, stats: ChunkStatistics, targets: ChunkTargets, grad_logprobs: Tensor,
                  grad_entropy: Tensor | None) -> ChunkGradient:
@@ -189,7 +184,6 @@ class TritonChunks:
         head = self.head
         logits = self._product(hidden)
         dz = self._grad_buffer(n)
-        dz_scale = self._dz_scale(dz)
         gate_id, value_fn, derivative_fn = kernel_gate(config.gate)
         has_kl = config.beta != 0.0
         names = ("logprobs", "entropy", "log_sum_exp", "ratio", "gate_value", "gate_grad", "kl", "grad_logprobs",
@@ -201,7 +195,7 @@ class TritonChunks:
             logits, dz, head.bias, targets.contiguous(), _flat(tokens.advantages), _flat(tokens.old_logprobs),
             _flat(tokens.ref_logprobs) if has_kl else None, _flat(tokens.loss_weight),
             _flat(tokens.entropy_weight) if config.has_entropy_bonus else None, _flat(tokens.policy_weight),
-            *(out[name] for name in names), dz_scale, head.local_vocab, logits.stride(0), dz.stride(0),
+            *(out[name] for name in names), head.local_vocab, logits.stride(0), dz.stride(0),
             head.inv_temperature, head.softcap, params.tau_pos, params.tau_neg, params.epsilon_low,
             params.epsilon_high, params.delta, config.beta,
             GATE=gate_id, CUSTOM_VALUE=value_fn, CUSTOM_DERIVATIVE=derivative_fn,
@@ -218,7 +212,7 @@ class TritonChunks:
             policy_weight=tokens.policy_weight,
         )
         stats = ChunkStatistics(out["logprobs"], out["entropy"], out["log_sum_exp"])
-        return FusedChunk(stats, terms, ChunkGradient(dz, row_scale=dz_scale))
+        return FusedChunk(stats, terms, ChunkGradient(dz))
 
 
 BACKEND = Backend(NAME, TritonChunks, unsupported, tile_statistics)
