@@ -16,6 +16,7 @@ from pathlib import Path
 __all__ = [
     "FolderError",
     "SignalFlag",
+    "check_overwritable",
     "clear_folder",
     "holds_output",
     "latest_checkpoint",
@@ -52,13 +53,19 @@ def clear_folder(path: str | Path, markers: Iterable[str]) -> None:
     path = Path(path)
     if not path.exists():
         return
-    if path.is_dir() and not any(next(path.glob(marker), None) is not None for marker in markers):
-        raise FolderError(f"--overwrite: {path} does not look like this command's output (none of "
-                          f"{', '.join(markers)}); it is left alone: choose another output")
+    check_overwritable(path, markers)
     if path.is_dir():
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def check_overwritable(path: str | Path, markers: Iterable[str]) -> None:
+    """Raises :class:`FolderError` unless ``path`` is missing, a file, or a folder holding one of ``markers``."""
+    path, markers = Path(path), list(markers)
+    if path.is_dir() and not any(next(path.glob(marker), None) is not None for marker in markers):
+        raise FolderError(f"--overwrite: {path} does not look like this command's output (none of "
+                          f"{', '.join(markers)}); it is left alone: choose another output")
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

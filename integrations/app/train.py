@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from .run_folder import (
     FolderError,
     SignalFlag,
+    check_overwritable,
     checkpoint_step,
     clear_folder,
     latest_checkpoint,
@@ -199,6 +200,8 @@ def prepare_output(settings: RunSettings, control: RunControl) -> Path | None:
     Raises :class:`FolderError` naming ``--resume`` / ``--overwrite``."""
     output_dir = Path(settings.output_dir)
     refuse_reuse(output_dir, "a training run", resume=bool(control.resume), overwrite=control.overwrite)
+    if control.overwrite:
+        check_overwritable(output_dir, RUN_MARKERS)  # on every process, before the main one deletes anything
     if not control.resume:
         return None
     checkpoint = latest_checkpoint(output_dir) if control.resume is True else Path(control.resume)
