@@ -64,7 +64,8 @@ def check_overwritable(path: str | Path, markers: Iterable[str]) -> None:
     """Raises :class:`FolderError` unless ``path`` is missing, a file, an empty folder or one holding one of
     ``markers``."""
     path, markers = Path(path), list(markers)
-    if path.is_dir() and holds_output(path) and not any(next(path.glob(marker), None) is not None for marker in markers):
+    ours = any(next(path.glob(marker), None) is not None for marker in markers) if path.is_dir() else True
+    if holds_output(path) and not ours:
         raise FolderError(f"--overwrite: {path} does not look like this command's output (none of "
                           f"{', '.join(markers)}); it is left alone: choose another output")
 
