@@ -19,8 +19,11 @@ from collections.abc import Sequence
 import torch
 
 from .api import gated_policy_loss, token_logprobs
-from .backend import BACKENDS, CPU_MEMORY_BUDGET_MB, plan_chunk_tokens
+from .backends import BACKENDS, backend_named
+from .chunk_driver import CPU_MEMORY_BUDGET_MB, planned_chunk_rows
+from .contract import GradientNeeds
 from .gates import available_gates
+from .head import Head
 from .validation import number_argument
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -79,7 +82,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"grad norms  hidden {hidden.grad.norm().item():.4e}  weight {weight.grad.norm().item():.4e}")
     valid = int(mask.sum())
     naive = 3 * tokens * vocab * 4  # logits, log-softmax and the logits' gradient, float32
-    chunk = plan_chunk_tokens(valid, vocab, CPU_MEMORY_BUDGET_MB)
+    head = Head(weight.detach(), None, 1.0, CPU_MEMORY_BUDGET_MB)
+    chunk = planned_chunk_rows(backend_named("torch"), head, GradientNeeds(True, True, False), valid)
     ours = chunk * vocab * 4
     print(f"memory: materialised logits need ~{naive / 2**30:.2f} GiB (logits, log-softmax, gradient; float32); "
           f"this loss keeps one {chunk}-token chunk: {ours / 2**20:.0f} MiB ({naive / ours:.0f}x less)")
