@@ -237,11 +237,16 @@ class ValueCheck:
     failed: Tensor
 
 
-def run_value_checks(checks: list[ValueCheck]) -> None:
-    """The checks that need tensor values, in one host synchronisation."""
-    if not checks:
-        return
-    values = torch.stack([c.failed.reshape(()).to(torch.float64) for c in checks]).tolist()
-    for check, value in zip(checks, values, strict=True):
+def run_value_checks(checks: list[ValueCheck], counts: Tensor | None = None) -> list[int]:
+    """The checks that need tensor values, and the integer ``counts`` the plan needs on the host (e.g. how many tokens
+    a pass computes), in one host synchronisation: the only one a call makes."""
+    parts = [c.failed.reshape(1).to(torch.float64) for c in checks]
+    if counts is not None:
+        parts.append(counts.reshape(-1).to(torch.float64))  # exact below 2^53
+    if not parts:
+        return []
+    values = torch.cat(parts).tolist()
+    for check, value in zip(checks, values, strict=False):
         if value:
             raise fail(check.argument, check.message.replace("{count}", f"{value:.0f}"))
+    return [int(v) for v in values[len(checks):]]

@@ -85,13 +85,17 @@ class TokenData:
     policy_weight: Tensor | None = None  # q_t before the off-policy mask; None: 1
     sampling_logprobs: Tensor | None = None  # the off-policy mask's sampling log-probs; None: logp itself
     vespo_log_offset: Tensor | None = None  # the row's sum_t clamp(log q^vllm_t), on each of its tokens
+    row_token_counts: list[int] | None = None  # tokens of each row, on the host (read with the value checks)
 
     @property
     def count(self) -> int:
         return self.advantages.shape[0]
 
     def row_counts(self) -> list[int]:
-        """Tokens of each row, in order (a host synchronisation)."""
+        """Tokens of each row, in order (read with the value checks; counted here, a host synchronisation, for token
+        data made otherwise)."""
+        if self.row_token_counts is not None:
+            return self.row_token_counts
         return torch.bincount(self.row, minlength=self.num_rows).tolist()
 
     def select(self, rows: slice) -> TokenData:
@@ -100,6 +104,7 @@ class TokenData:
         for f in fields(self):
             v = getattr(self, f.name)
             values[f.name] = v[rows] if isinstance(v, Tensor) else v
+        values["row_token_counts"] = None  # rows are not cut by a token range
         return TokenData(**values)
 
 

@@ -5,7 +5,8 @@ Only valid tokens (mask != 0) enter the vocabulary pass. Tokens whose hidden sta
 the ``on_nonfinite`` policy: ``raise`` (a ValueError naming ``hidden`` before any product), ``zero`` (dropped like
 masked tokens: out of the loss, its normalisers and the gradients; with them tokens whose ``old_logprobs`` or
 ``ref_logprobs`` are non-finite) or ``propagate`` (computed as they are: NaN reaches the loss and every gradient).
-The value checks of all arguments run in one host synchronisation.
+The value checks of all arguments and the plan's sizes (tokens per row) are read in one host synchronisation, the
+only one a call makes (a vocabulary-parallel head adds its shape agreement, a collective).
 """
 
 from __future__ import annotations
@@ -53,15 +54,22 @@ def _finite_rows(hidden: Tensor) -> Tensor:
     return torch.isfinite(hidden).all(dim=1)
 
 
-def _plan(shape: tuple[int, int], keep: Tensor | None) -> TokenPlan:
-    return TokenPlan(shape, None if keep is None else keep.nonzero().squeeze(1))
+def _plan(shape: tuple[int, int], keep: Tensor | None, count: int) -> TokenPlan:
+    """``count`` (read with the value checks) sizes the index, so that forming it needs no host synchronisation."""
+    return TokenPlan(shape, None if keep is None else torch.nonzero_static(keep.reshape(-1), size=count).squeeze(1))
 
 
-def _id_check(ids: Tensor, vocab: int) -> list[ValueCheck]:
-    if not ids.numel():
-        return []
+def _id_check(ids: Tensor, vocab: int, keep: Tensor | None) -> list[ValueCheck]:
+    bad = (ids < 0) | (ids >= vocab)
     return [ValueCheck("completion_ids", f"token ids must lie in [0, {vocab}) (V of weight) where the mask is set",
-                       (ids.min() < 0) | (ids.max() >= vocab))]
+                       (bad if keep is None else bad & keep.reshape(-1)).any())]
+
+
+def _token_counts(keep: Tensor | None, shape: tuple[int, int], device: torch.device) -> Tensor:
+    """Computed tokens of each row (the plan's sizes, read on the host with the checks)."""
+    if keep is None:
+        return torch.full((shape[0],), shape[1], device=device, dtype=torch.int64)
+    return keep.reshape(shape).sum(-1)
 
 
 def _mask_check(mask: Tensor | None) -> list[ValueCheck]:
@@ -81,14 +89,13 @@ def plan_logprob_tokens(head: Batch) -> LogprobTokens:
     """The tokens of :func:`fused_gates.token_logprobs` (``on_nonfinite``: raise or propagate)."""
     flat_mask = None if head.mask is None else head.mask.reshape(-1)
     keep = None if flat_mask is None else flat_mask != 0
-    checks = _mask_check(head.mask)
+    checks = _id_check(head.ids, head.head.vocab, keep) + _mask_check(head.mask)
     if head.on_nonfinite == "raise":
         bad = ~_finite_rows(head.hidden)
         checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, (bad if keep is None else bad & keep).sum()))
-    plan = _plan(head.shape, keep)
-    ids = plan.gather_rows(head.ids)
-    run_value_checks(_id_check(ids, head.head.vocab) + checks)
-    return LogprobTokens(plan, plan.gather_rows(head.hidden), ids)
+    (count,) = run_value_checks(checks, None if keep is None else keep.sum())
+    plan = _plan(head.shape, keep, count)
+    return LogprobTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids))
 
 
 @dataclass
@@ -117,12 +124,22 @@ def plan_loss_tokens(head: Batch, args: LossArguments) -> LossTokens:
             flagged |= ~torch.isfinite(value) & selected
         keep = selected & ~flagged
         full_mask = given_mask * keep
-        plan = _plan(head.shape, keep.reshape(-1))
     else:
         if head.on_nonfinite == "raise":
             checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, flagged.sum()))
         full_mask = given_mask
-        plan = _plan(head.shape, None if head.mask is None else selected.reshape(-1))
+        keep = None if head.mask is None else selected
+    checks = _id_check(head.ids, head.head.vocab, keep) + checks + _option_checks(args, selected)
+    inputs = [("advantages", args.advantages)]
+    if head.on_nonfinite != "zero":
+        inputs += [("old_logprobs", args.old_logprobs), ("ref_logprobs", args.ref_logprobs)]
+    for name, value in inputs:
+        if value is not None:
+            bad = ~torch.isfinite(value)
+            checks.append(ValueCheck(name, "must be finite where the mask is set",
+                                     (bad if keep is None else bad & keep).any()))
+    row_counts = run_value_checks(checks, _token_counts(keep, head.shape, device))
+    plan = _plan(head.shape, keep, sum(row_counts))
 
     options = args.options
     loss_weight = aggregation_weights(full_mask, options.loss_type, options.max_completion_length,
@@ -144,19 +161,9 @@ def plan_loss_tokens(head: Batch, args: LossArguments) -> LossTokens:
         policy_weight=_policy_weight(args, entropy_mask, acc, plan),
         sampling_logprobs=_sampling_logprobs(args, acc, plan),
         vespo_log_offset=_vespo_log_offset(args, acc, plan),
+        row_token_counts=row_counts,
     )
-    ids = plan.gather_rows(head.ids)
-    checks = _id_check(ids, head.head.vocab) + checks + _option_checks(args, selected)
-    if tokens.count:
-        checks.append(ValueCheck("advantages", "must be finite where the mask is set",
-                                 ~torch.isfinite(tokens.advantages).all()))
-        if head.on_nonfinite != "zero":
-            for name, value in (("old_logprobs", tokens.old_logprobs), ("ref_logprobs", tokens.ref_logprobs)):
-                if value is not None:
-                    checks.append(ValueCheck(name, "must be finite where the mask is set",
-                                             ~torch.isfinite(value).all()))
-    run_value_checks(checks)
-    return LossTokens(plan, plan.gather_rows(head.hidden), ids, tokens, tokens.mask, flagged)
+    return LossTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids), tokens, tokens.mask, flagged)
 
 
 def _policy_weight(args: LossArguments, entropy_mask: Tensor | None, acc: torch.dtype, plan: TokenPlan):
