@@ -184,6 +184,14 @@ else
 fi
 grep -E "(passed|failed|error|skipped|deselected).* in [0-9.]+s" "$out/bench.log" | sed 's/^/benchmarks: /'
 
+# -- the traffic model's predictions for this device (all modelled devices in the dry run), beside the rows ----------
+device_name=$("$python" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" \
+    2>/dev/null || true)
+"$python" benchmarks/roofline.py ${device_name:+--device "$device_name"} >"$out/predictions.md" \
+    || fail "the traffic model (benchmarks/roofline.py)"
+echo "predictions (benchmarks/roofline.py, a model, not a measurement): $out/predictions.md"
+grep -E "^\| .*\| fused_gates \|" "$out/predictions.md" | head -n 4
+
 # -- 5. one line per goal -------------------------------------------------------------------------------------------
 "$python" benchmarks/goals.py "$out/rows.jsonl" | tee "$out/goals.txt" || fail "evaluating the goals"
 echo "rows: $out/rows.md ($(grep -c . "$out/rows.jsonl" 2>/dev/null || echo 0) rows); $((SECONDS)) s in all;" \

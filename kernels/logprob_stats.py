@@ -54,6 +54,7 @@ def _tile_statistics_kernel(
     p_part_sum_exp_shifted,
     p_part_target_logit,
     N,
+    TOKENS_BUCKET,  # unused by the maths: the autotuning key (the best tile depends on how many tokens there are)
     V,
     H,
     stride_hidden,
@@ -150,8 +151,16 @@ def _merge_splits_kernel(
 _tile_statistics = (
     _tile_statistics_kernel
     if INTERPRETED
-    else triton.autotune(configs=_GPU_CONFIGS, key=["V", "H", "INPUT_PRECISION"])(_tile_statistics_kernel)
+    else triton.autotune(configs=_GPU_CONFIGS, key=["TOKENS_BUCKET", "V", "H", "INPUT_PRECISION"])(
+        _tile_statistics_kernel
+    )
 )
+
+
+def tokens_bucket(num_tokens: int) -> int:
+    """Token counts that share a tuned configuration: powers of two up to 16,384 (a configuration tuned at the first
+    call's 7 tokens must not serve 7,168)."""
+    return min(triton.next_power_of_2(max(num_tokens, 1)), 16384)
 
 
 def choose_vocab_splits(num_tokens: int, vocab: int, device: torch.device) -> int:
@@ -210,6 +219,7 @@ def token_statistics(
         partials[2],
         partials[3],
         num_tokens,
+        tokens_bucket(num_tokens),
         vocab,
         hidden_size,
         hidden.stride(0),
