@@ -18,6 +18,7 @@ from .function import GatedPolicyLossFunction
 from .gates import Gate
 from .metrics import loss_metrics, nonfinite_tokens
 from .options import HeadOptions, LossOptions
+from .self_check import use_public_functions
 from .tokens import plan_logprob_tokens, plan_loss_tokens
 
 __all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
@@ -227,3 +228,6 @@ def token_logprobs(
     planned = plan_logprob_tokens(batch)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, batch.head)
     return planned.plan.scatter(logp), planned.plan.scatter(entropy)
+
+
+use_public_functions(gated_policy_loss, token_logprobs)

@@ -3,8 +3,8 @@
 :func:`check_batch` checks what both entry points share (hidden states, lm_head, ids, mask and the
 :class:`~fused_gates.options.HeadOptions`) and :func:`check_loss_arguments` the objective's inputs and
 :class:`~fused_gates.options.LossOptions` of :func:`fused_gates.gated_policy_loss`.
-Checks that need tensor values (id ranges, finiteness) are collected as :class:`ValueCheck` s and run together by
-:func:`run_value_checks`, in one host synchronisation.
+Checks that need tensor values (id ranges, finiteness) belong to the token plan (:mod:`fused_gates.tokens`), which
+reads them with the plan's sizes in one host synchronisation.
 """
 
 from __future__ import annotations
@@ -225,28 +225,3 @@ def check_loss_arguments(
         config=config,
         options=replace(options, group_ids=group_ids),
     )
-
-
-@dataclass(frozen=True)
-class ValueCheck:
-    """``failed`` is a 0-dim bool tensor or a count; when it is non-zero, ``argument: message`` is raised (with
-    ``{count}`` in the message replaced by the count)."""
-
-    argument: str
-    message: str
-    failed: Tensor
-
-
-def run_value_checks(checks: list[ValueCheck], counts: Tensor | None = None) -> list[int]:
-    """The checks that need tensor values, and the integer ``counts`` the plan needs on the host (e.g. how many tokens
-    a pass computes), in one host synchronisation: the only one a call makes."""
-    parts = [c.failed.reshape(1).to(torch.float64) for c in checks]
-    if counts is not None:
-        parts.append(counts.reshape(-1).to(torch.float64))  # exact below 2^53
-    if not parts:
-        return []
-    values = torch.cat(parts).tolist()
-    for check, value in zip(checks, values, strict=False):
-        if value:
-            raise fail(check.argument, check.message.replace("{count}", f"{value:.0f}"))
-    return [int(v) for v in values[len(checks):]]

@@ -32,8 +32,8 @@ family with both statistics methods, against seconds for one interpreted loss ca
 few dozen small launches per backend (three cuBLAS products, one or two row kernels, the O(n) objective ops) and one
 host synchronisation: well under 10 ms once the kernels are compiled. Compilation is the larger one-time cost: the
 row kernels' variants are shared with the real call (same constexprs and divisibility), but the ``tl.dot`` tile
-kernel of the no-grad pass autotunes on (V, H), so the check's small problem adds one autotuning round (four
-configurations, about a second or two) to the process's first no-grad pass.
+kernel of the no-grad pass autotunes on (tokens bucket, V, H), so the check's small problem adds one autotuning
+round (four configurations, about a second or two) to the process's first no-grad pass.
 
 Skipped (treated as passed, nothing cached): with ``FUSED_GATES_SELF_CHECK=0``; by default in Triton's interpreter
 (``TRITON_INTERPRET=1``: nothing is compiled there and only tests run; ``FUSED_GATES_SELF_CHECK=1`` turns it on; the
@@ -48,6 +48,7 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -267,9 +268,17 @@ def _loss_options(head: Head, config: ObjectiveConfig) -> dict:
     return options
 
 
-def _run_loss(problem: _Problem, backend: str, options: dict) -> dict[str, Tensor]:
-    from .api import gated_policy_loss
+PUBLIC_FUNCTIONS: dict[str, Callable] = {}
+"""``gated_policy_loss`` and ``token_logprobs``, handed in by :mod:`fused_gates.api` when it is imported (the check
+runs the public functions, which sit above the backend choice that calls it: passed down, not imported up)."""
 
+
+def use_public_functions(loss: Callable, logprobs: Callable) -> None:
+    PUBLIC_FUNCTIONS.update(loss=loss, logprobs=logprobs)
+
+
+def _run_loss(problem: _Problem, backend: str, options: dict) -> dict[str, Tensor]:
+    gated_policy_loss = PUBLIC_FUNCTIONS["loss"]
     h = problem.hidden.detach().clone().requires_grad_(True)
     w = problem.weight.detach().clone().requires_grad_(True)
     b = None if problem.bias is None else problem.bias.detach().clone().requires_grad_(True)
@@ -284,8 +293,7 @@ def _run_loss(problem: _Problem, backend: str, options: dict) -> dict[str, Tenso
 
 
 def _run_logprobs(problem: _Problem, backend: str, head: Head) -> dict[str, Tensor]:
-    from .api import token_logprobs
-
+    token_logprobs = PUBLIC_FUNCTIONS["logprobs"]
     methods = ("dot", "cublas") if head.statistics_method == "auto" else (head.statistics_method,)
     found = {}
     for method in methods if backend == "triton" else ("auto",):

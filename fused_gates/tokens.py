@@ -16,13 +16,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .arguments import Batch, LossArguments, ValueCheck, run_value_checks
+from .arguments import Batch, LossArguments
 from .objective import VESPO_LOG_RATIO_CLAMP, VESPO_LOWER_LOG_WEIGHT, TokenData, aggregation_weights, entropy_weights
+from .validation import fail
 
 HIDDEN_NONFINITE = (
     "{count} token(s) where the mask is set have non-finite hidden states (inf or NaN, e.g. an overflow in the "
     "backbone); on_nonfinite='zero' drops such tokens, on_nonfinite='propagate' lets NaN through"
 )
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """``failed`` is a 0-dim bool tensor or a count; when it is non-zero, ``argument: message`` is raised (with
+    ``{count}`` in the message replaced by the count)."""
+
+    argument: str
+    message: str
+    failed: Tensor
+
+
+def run_value_checks(checks: list[ValueCheck], counts: Tensor | None = None) -> list[int]:
+    """The checks that need tensor values, and the integer ``counts`` the plan needs on the host (e.g. how many tokens
+    a pass computes), in one host synchronisation: the only one a call makes."""
+    parts = [c.failed.reshape(1).to(torch.float64) for c in checks]
+    if counts is not None:
+        parts.append(counts.reshape(-1).to(torch.float64))  # exact below 2^53
+    if not parts:
+        return []
+    values = torch.cat(parts).tolist()
+    for check, value in zip(checks, values, strict=False):
+        if value:
+            raise fail(check.argument, check.message.replace("{count}", f"{value:.0f}"))
+    return [int(v) for v in values[len(checks):]]
 
 
 @dataclass(frozen=True)
