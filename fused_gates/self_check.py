@@ -141,7 +141,10 @@ def _capturing(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     capturing = getattr(torch.cuda, "is_current_stream_capturing", None)
-    return bool(capturing is not None and capturing())
+    try:
+        return bool(capturing is not None and capturing())
+    except RuntimeError:  # a torch build without the CUDA runtime (an emulated device): nothing can be capturing
+        return False
 
 
 def check(head: Head, config: ObjectiveConfig | None) -> CheckResult | None:
