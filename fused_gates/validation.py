@@ -72,10 +72,6 @@ def check_choice(name: str, value: object, choices: tuple[str, ...], what: str) 
     return value
 
 
-def check_positive_int(name: str, value: object) -> int:
-    return check_number(name, value, integer=True)
-
-
 def number_argument(
     kind: Callable[[str], Any], check: Callable[[Any], bool], requirement: str
 ) -> Callable[[str], Any]:
