@@ -39,6 +39,8 @@ GATES = PAPER_GATES
 TRL_CHUNK_SIZE = 32768
 # The budget curve of the training step (MiB of working buffers); the default budget is the plain fused_gates row.
 BUDGETS_MB = (256, 512, 1024, 2048, 4096)
+# on CPU, the budgets below the default (512 MiB), at the headline shape
+CPU_BUDGETS_MB = (128, 256)
 # token_logprobs' choice of the Triton no-grad kernel: one tl.dot pass, or cuBLAS chunks + a row-statistics kernel
 STATISTICS_METHODS = {"fused_gates_dot": "dot", "fused_gates_cublas": "cublas"}
 
@@ -312,7 +314,7 @@ TRAINING: dict[str, Callable[..., Tensor]] = {
     "liger_fused_linear_grpo": liger,
     "torch_linear_cross_entropy": torch_lce,
     "floor": floor,
-    **{f"fused_gates_budget{mb}": ours_at_budget(mb) for mb in BUDGETS_MB},
+    **{f"fused_gates_budget{mb}": ours_at_budget(mb) for mb in sorted({*BUDGETS_MB, *CPU_BUDGETS_MB})},
 }
 FORWARD: dict[str, Callable[..., Tensor]] = {
     "fused_gates": ours_logprobs,

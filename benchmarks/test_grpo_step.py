@@ -33,7 +33,8 @@ from head_impls import installed_version
 DEVICE = os.environ.get("FUSED_GATES_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE == "cuda"
 FULL = CUDA and os.environ.get("FUSED_GATES_BENCH_SCALE", "full") == "full"
-ROUNDS = int(os.environ.get("FUSED_GATES_BENCH_ROUNDS", "3" if CUDA else "1"))
+# the tiny step takes tens of milliseconds, dominated by per-call overhead that a single round measures as noise
+ROUNDS = int(os.environ.get("FUSED_GATES_BENCH_ROUNDS", "3" if FULL else "30"))
 BATCH, PROMPT, COMPLETION = (8, 64, 512) if FULL else (8, 8, 32)
 TAU_POS, TAU_NEG = 1.0, 1.05
 LOW_PRECISION = CUDA  # bfloat16 weights on CUDA, float32 on CPU

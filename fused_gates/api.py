@@ -153,7 +153,7 @@ def gated_policy_loss(
             loss, per-token outputs and metrics, the full ``hidden`` gradient, and its slice's ``weight`` / ``bias``
             gradient. A DTensor ``weight`` sharded on dimension 0 over a 1-D mesh needs no group (its mesh's is
             used) and gets a DTensor gradient. See :mod:`fused_gates.vocab_parallel` for the communication.
-        memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU; on CUDA 10% of the free
+        memory_budget_mb: bound on the backend's working buffers (default 512 MiB on CPU; on CUDA 10% of the free
             memory within [256, 1792] MiB: :mod:`fused_gates.chunk_driver`); sets the token chunk size.
 
     Returns:

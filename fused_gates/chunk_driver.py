@@ -38,9 +38,13 @@ from .objective import ObjectiveConfig, TokenData, TokenTerms, evaluate_objectiv
 from .products import addmm_into, mm_into
 from .vocab_parallel import combine_slice_statistics
 
-CPU_MEMORY_BUDGET_MB = 128.0
-"""Working buffers on CPU: 128 MiB keeps the loss within 1.04x of the three-product floor at Qwen2.5-0.5B's head
-(2,048 tokens, 2 cores) with 4.7% of the materialised-logits version's extra memory (benchmarks/results/)."""
+CPU_MEMORY_BUDGET_MB = 512.0
+"""Working buffers on CPU. Every token chunk re-reads and re-writes the float32 dW accumulator (``8 V H`` bytes)
+against ``6 n H V`` flops of products, so its share of a step is about ``8 F / (6 n B)`` (F flop/s, B bytes/s):
+with F ~ 0.2 TFLOP/s and B ~ 10 GB/s on two cores it stays under 5% from n ~ 530 rows, i.e. ~330 MB of float32
+logits at V = 152k. Measured at Qwen2.5-0.5B's head (2,048 tokens, 2 cores, best of 3 against the three bare
+products): 1.16x at 128 MiB, 1.09x at 256, 1.04x at 512 (benchmarks/results/); 512 MiB is ~17% of the
+materialised-logits version's extra memory there."""
 GPU_MEMORY_BUDGET_MB = 1792.0
 GPU_MIN_MEMORY_BUDGET_MB = 256.0
 GPU_FREE_MEMORY_SHARE = 0.1
@@ -224,8 +228,9 @@ def loss_forward(
     statistics_pass: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> LossForward:
     """Statistics, objective and, when the chunks allow it, the gradients in the same pass (three products in all).
-    Without a gradient, or where a row the objective needs whole exceeds a chunk, only the statistics are formed
-    (by ``statistics_pass`` where the backend has a better no-grad pass) and the backward recomputes."""
+    Without a gradient, where a row the objective needs whole exceeds a chunk, or where dz would be float16, only the
+    statistics are formed (by ``statistics_pass`` where the backend has a better no-grad pass) and the backward
+    recomputes."""
     num_tokens = hidden.shape[0]
 
     def statistics_only() -> LossForward:
@@ -236,6 +241,10 @@ def loss_forward(
     if not needs.any or not num_tokens:
         return statistics_only()
     backend = make(head, needs)
+    if backend.product_operands().operand_dtype == torch.float16:
+        # A float16 dz formed for a unit upstream gradient flushes the softmax tail (p g below 6e-8) that a loss
+        # scale exists to keep: the backward forms it, with the upstream gradient in it (a fourth product).
+        return statistics_only()
     rows = plan_chunk_rows(num_tokens, backend.bytes_per_row(), head.memory_budget_mb)
     chunks = plan_loss_chunks(tokens, rows, config)
     if chunks is None:

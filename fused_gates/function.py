@@ -78,12 +78,18 @@ class GatedPolicyLossFunction(torch.autograd.Function):
         needs: GradientNeeds = ctx.needs
         grads, ctx.gradients = ctx.gradients, None
         if grads is None:
+            # dz is linear in the per-token coefficients: the upstream gradient (a 0-dim tensor, e.g. a loss scale)
+            # enters there, O(N) work, before any float16 rounding of dz, and the gradients come out scaled
             hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy = ctx.saved_tensors
-            saved = SavedStatistics(lse, entropy, grad_logprobs, grad_entropy, ctx.chunks)
+            upstream = grad_loss.to(grad_logprobs.dtype)
+            saved = SavedStatistics(lse, entropy, grad_logprobs * upstream,
+                                    None if grad_entropy is None else grad_entropy * upstream, ctx.chunks)
             grads = ctx.backend.recompute_gradients(hidden, targets, ctx.head.with_tensors(weight, bias), needs, saved)
-        # The pass formed d(loss) for a unit upstream gradient; the actual one (a 0-dim tensor) is applied in the
-        # final cast (one pass over each gradient, no second full-size copy, no host read on a GPU).
-        unit = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
+            unit = True
+        else:
+            # The forward formed d(loss) for a unit upstream gradient; the actual one is applied in the final cast
+            # (one pass over each gradient, no second full-size copy, no host read on a GPU).
+            unit = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
         out: list[Tensor | None] = []
         for grad, needed, dtype in zip(grads, (needs.hidden, needs.weight, needs.bias), ctx.dtypes, strict=True):
             if not needed or grad is None:

@@ -288,9 +288,7 @@ def _float16_grads_with_float32_output_products(backend: str, inputs, scale: flo
 PRODUCTS = {
     "native-products": False,
     # only needed where the device has none (the CPU); on CUDA the native products already are these
-    "float32-output-products": pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="open: a float16 dz is formed for a unit upstream gradient, so a loss scale cannot save "
-        "the softmax tail that float16 flushes (the CUDA float16 path; kernels/README.md)")),
+    "float32-output-products": True,
 }
 
 
