@@ -44,6 +44,7 @@ class HeadOptions(_Collect):
     backend: str = "auto"
     memory_budget_mb: float | None = None
     statistics_method: str = "auto"
+    sequence_group: object | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,266 @@
+"""Rows sharded by sequence (context parallelism: Ulysses, ring attention): each rank of a ``sequence_group`` holds
+the same contiguous slice ``[t0, t1)`` of every row's positions (rank order = position order; slices may be uneven or
+empty), and every aggregation over a row or the batch is made whole by reductions of per-row sums.
+
+What crosses the ranks is never a hidden state, a logit or a per-token value: per call, with ``B`` rows and ``s``
+bytes per number (8 for float64 inputs, else 4),
+
+1. before any work, one ``all_gather_object`` of each rank's fingerprint: its shapes (``B``, ``H``, dtype, head
+   rows), every option, and the values of the per-row inputs (advantages [B], ``group_ids``), or the error its own
+   argument checks raised, so that a rank whose arguments fail, or that disagrees with the others, stops every rank
+   with an error that names the argument instead of leaving them waiting in a later collective
+   (a few hundred bytes, plus ``8 B`` per per-row input);
+2. one ``all_reduce`` of the value checks' failure counts (at most a dozen float64), for the same reason;
+3. one ``all_reduce`` of the row totals the aggregation divides by: each row's mask sum (``s B``), with an entropy
+   mask and an entropy bonus the masked sum (``s B``), for vespo with the sampler's ratio its log-ratio sum
+   (``s B``);
+4. the objective's whole-row sums, only where a token's coefficient depends on its whole row: one ``all_reduce`` of
+   ``s B`` each, 2 at sequence level (the row's mean log-ratio, then its sum of ``w dP/dr``), 1 for vespo (the row's
+   log-ratio), 2 for the off-policy mask (the row's tokens and its log-ratio sum);
+5. the loss and the metrics: one ``all_reduce(SUM)`` of ``s (2 B + 8)`` (each row's tokens and ``sum m f'(r)``, and
+   the scalar sums) and one ``all_reduce(MAX)`` of ``s (2 + c B)`` (the ratio's range; ``c`` = 2 per-row clip flags for
+   ``clip``, 1 for ``cispo`` / ``vespo`` at sequence level, else 0).
+
+That is ``3 s`` to ``12 s`` bytes per row per call (24 to 96 bytes per row in float64, e.g. 2 KiB for B = 64 with
+sequence-level ratios), independent of T, H and V.
+
+Each rank's loss is the global one (the others' part enters as a constant), so ``loss.backward()`` on every rank
+gives the gradient of the global loss with respect to its own tokens' hidden states, and its own tokens' share of
+the weight (and bias) gradient: the sum over the ranks is the unsharded call's (an ``all_reduce`` of the weight
+gradient, as data parallelism already does). Where a token's coefficient depends on its whole row (sequence-level
+ratios, vespo, the off-policy mask) the forward takes the statistics of every token first and the backward
+recomputes the logits (four products instead of three), as an unsharded row longer than a chunk does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .gates import Gate
+from .metrics import cispo_flags, clip_flags, eur_from_row_sums
+from .objective import ObjectiveConfig, RowTotals, TokenData
+from .validation import fail
+
+Checked = TypeVar("Checked")
+Fingerprint = list[tuple[str, str, object]]  # (argument, what, value)
+
+NOT_INITIALISED = "torch.distributed is not initialised"
+UNFINGERPRINTED_OPTIONS = ("memory_budget_mb", "statistics_method", "sequence_group")
+"""Options that may differ between the ranks of a sequence group (they change how this rank computes, not what)."""
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """This rank's place in a sequence group of ``size`` ranks over a batch of ``rows`` rows."""
+
+    group: object
+    rank: int
+    size: int
+    rows: int
+
+    def reduce(self, partial: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        """``partial`` (a fresh tensor: reduced in place) summed (or ``op``) over the group."""
+        dist.all_reduce(partial, op=op, group=self.group)
+        return partial
+
+    def agree(self, failures: Tensor) -> Tensor:
+        """The value checks' failure counts of every rank, summed: every rank raises the same error."""
+        return self.reduce(failures)
+
+    def row_totals(self, mask: Tensor, bonus_mask: Tensor | None, vespo_log_ratio: Tensor | None
+                   ) -> tuple[RowTotals, Tensor, Tensor | None]:
+        """``(totals, bonus total, vespo's [B, 1] row sums or None)`` over whole rows, in one reduction: each row's
+        mask sum, the entropy bonus's masked sum (when an entropy mask makes it differ) and vespo's log-ratio sum."""
+        parts = [mask] + [p for p in (bonus_mask, vespo_log_ratio) if p is not None]
+        sums = self.reduce(torch.stack([p.sum(-1) for p in parts]))
+        totals = RowTotals(self.rows, sums[0].unsqueeze(1), sums[0].sum())
+        bonus_total = sums[1].sum() if bonus_mask is not None else totals.total
+        return totals, bonus_total, None if vespo_log_ratio is None else sums[-1].unsqueeze(1)
+
+
+def _group_place(group: object) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise fail("sequence_group", NOT_INITIALISED)
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def checked_on_every_rank(
+    group: object | None,
+    check: Callable[[], Checked],
+    fingerprint: Callable[[Checked], Fingerprint],
+    rows: Callable[[Checked], int],
+) -> tuple[Checked, SequenceShard | None]:
+    """``check()`` (the argument checks) on every rank of ``group``, then one exchange of their outcomes and
+    fingerprints: a rank whose checks failed re-raises its error and the others raise one naming that rank; ranks
+    that disagree all raise an error naming the argument. Without a group: ``check()`` as it is."""
+    if group is None:
+        return check(), None
+    rank, world = _group_place(group)
+    error: BaseException | None = None
+    checked, entries = None, None
+    try:
+        checked = check()
+        entries = fingerprint(checked)
+    except Exception as raised:  # every rank must learn of it before any of them waits in a collective
+        error = raised
+    mine = (None if error is None else f"{type(error).__name__}: {error}", entries)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    if error is not None:
+        raise error
+    for other, (message, _) in enumerate(gathered):
+        if message is not None:
+            raise ValueError(f"sequence_group: rank {other} of the group refused its arguments ({message}); every "
+                             f"rank of the group stops here")
+    _compare_fingerprints([entries for _, entries in gathered])
+    return checked, SequenceShard(group, rank, world, rows(checked))
+
+
+def _compare_fingerprints(tables: list[Fingerprint]) -> None:
+    for column, (argument, what, _) in enumerate(tables[0]):
+        values = [table[column][2] for table in tables]
+        if any(value != values[0] for value in values[1:]):
+            shown = values if all(not isinstance(v, tuple) or len(v) <= 8 for v in values) else "(differ)"
+            raise ValueError(f"{argument}: the ranks of sequence_group disagree on {what}: {shown} by rank")
+
+
+def _describe(value: object) -> object:
+    """A comparable description of an option's value: tensors of one value per row by their values, per-token
+    tensors by their rows (their lengths are each rank's own), a gate by its name."""
+    if isinstance(value, Tensor):
+        if value.dim() <= 1:
+            return tuple(value.detach().double().cpu().reshape(-1).tolist())
+        return ("per token", value.shape[0], str(value.dtype))
+    if isinstance(value, Gate):
+        return value.name
+    if isinstance(value, (str, int, float, bool, tuple, type(None))):
+        return value
+    return "given"
+
+
+def head_fingerprint(batch, options) -> Fingerprint:
+    """The shapes and head options every rank of a sequence group must share (``batch``: a checked
+    :class:`~fused_gates.arguments.Batch`, ``options``: its :class:`~fused_gates.options.HeadOptions`)."""
+    rows, _ = batch.shape
+    entries: Fingerprint = [
+        ("hidden", "B (rows)", rows),
+        ("hidden", "H", batch.hidden.shape[1]),
+        ("hidden", "dtype", str(batch.hidden.dtype)),
+        ("weight", "rows (the vocabulary, or this rank's slice of it)", batch.head.weight.shape[0]),
+        ("completion_mask", "whether it is given", batch.mask is not None),
+    ]
+    for f in fields(options):
+        if f.name not in UNFINGERPRINTED_OPTIONS:
+            value = getattr(options, f.name)
+            entries.append((f.name, "its value", "given" if f.name in ("bias", "process_group") and value is not None
+                            else _describe(value)))
+    return entries
+
+
+def loss_fingerprint(batch, head_options, loss_options, advantages: Tensor, given: dict[str, object]) -> Fingerprint:
+    """:func:`head_fingerprint` and every loss option, the per-row advantages' values and which per-token inputs
+    (``given``: name -> value) are given."""
+    entries = head_fingerprint(batch, head_options)
+    entries.append(("advantages", "its values (per-row inputs are whole, the same on every rank) or shape",
+                    _describe(advantages)))
+    entries += [(name, "whether it is given", value is not None) for name, value in given.items()]
+    for f in fields(loss_options):
+        entries.append((f.name, "its value", _describe(getattr(loss_options, f.name))))
+    return entries
+
+
+# -- the loss and the metrics of whole rows ------------------------------------------------------------------------
+
+
+def global_loss_and_metrics(
+    sequence: SequenceShard,
+    loss: Tensor,
+    tokens: TokenData,
+    config: ObjectiveConfig,
+    group_size: int | None,
+    group_ids: Tensor | None,
+    row_advantages: bool,
+    outputs: dict[str, Tensor],
+    nonfinite: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The global loss (this rank's part differentiable, the others' a constant) and the metrics of
+    :func:`fused_gates.metrics.loss_metrics` over every rank's tokens, from two reductions: a sum of per-row and
+    scalar sums, a maximum of the ratio's range and per-row flags. ``outputs``: this rank's per-token ``entropy``,
+    ``ratio``, ``gate_value``, ``gate_grad`` and ``kl`` (at the computed tokens)."""
+    m, rows = tokens.mask, tokens.row
+    entropy, ratio, gate_value, gate_grad = (outputs[k] for k in ("entropy", "ratio", "gate_value", "gate_grad"))
+    count = sequence.rows
+
+    def per_row(values: Tensor, reduce: str = "sum") -> Tensor:
+        if reduce == "sum":
+            return m.new_zeros(count).index_add_(0, rows, values)
+        return m.new_zeros(count).scatter_reduce_(0, rows, values, reduce="amax")  # flags and weights are >= 0
+
+    params = config.params
+    per_row_flags = config.sequence_level and row_advantages  # TRL's ratio and advantage are then [B, 1]
+    scalars = {"loss": loss.detach().reshape(()), "bonus": (tokens.entropy_weight * entropy).sum(),
+               "nonfinite": nonfinite.to(m.dtype), "entropy": (entropy * m).sum(), "ratio": (ratio * m).sum(),
+               "gate": (gate_value * m).sum()}
+    if config.beta != 0:
+        scalars["kl"] = (outputs["kl"] * m).sum()
+    flags: dict[str, Tensor] = {}
+    if config.gate.is_clip:
+        low, high = clip_flags(ratio, tokens.advantages, params.epsilon_low, params.epsilon_high, params.delta)
+        flags = {"clip_ratio/low_mean": low.to(m.dtype), "clip_ratio/high_mean": high.to(m.dtype)}
+    elif config.gate.is_cispo:
+        flags = {"cispo_clip_ratio": cispo_flags(ratio, tokens.advantages, params.epsilon_high).to(m.dtype)}
+    elif config.gate.is_vespo:
+        flags = {"vespo/phi_seq_mean": gate_value}
+    by_row = per_row_flags or (config.gate.is_vespo and row_advantages)
+    if not by_row:
+        scalars.update({name: (values * m).sum() for name, values in flags.items()})
+
+    names = list(scalars)
+    summed = sequence.reduce(torch.cat([torch.stack([scalars[n] for n in names]), per_row(m), per_row(gate_grad * m)]))
+    total = dict(zip(names, summed[:len(names)], strict=True))
+    row_tokens, row_gate_grad = summed[len(names):len(names) + count], summed[len(names) + count:]
+    inf = m.new_full((1,), torch.inf)
+    extremes = [-ratio.min().reshape(1) if ratio.numel() else -inf, ratio.max().reshape(1) if ratio.numel() else -inf]
+    if by_row:
+        extremes += [per_row(values, "amax") for values in flags.values()]
+    largest = sequence.reduce(torch.cat(extremes), dist.ReduceOp.MAX)
+
+    tokens_total = row_tokens.sum()
+    has_tokens = tokens_total > 0
+    zero = m.new_zeros(())
+
+    def mean(name: str) -> Tensor:
+        return total[name] / tokens_total.clamp(min=1.0)
+
+    global_loss = loss + (total["loss"] - loss.detach())
+    metrics = {
+        "eur": eur_from_row_sums(row_gate_grad, row_tokens, group_size, group_ids),
+        "entropy": mean("entropy"),
+        "ratio/mean": mean("ratio"),
+        "ratio/min": (-largest[0]).where(has_tokens, zero),
+        "ratio/max": largest[1].where(has_tokens, zero),
+        "gate/mean": mean("gate"),
+    }
+    if config.beta != 0:
+        metrics["kl"] = mean("kl")
+    for index, name in enumerate(flags):
+        if not by_row:
+            metrics[name] = mean(name)
+            continue
+        row_values = largest[2 + index * count:2 + (index + 1) * count]
+        if config.gate.is_vespo:  # one phi per row: the mean over rows that have a valid token
+            present = row_tokens > 0
+            metrics[name] = (row_values * present).sum() / present.sum().clamp(min=1)
+        else:
+            metrics[name] = row_values.mean()
+    if config.gate.is_clip:
+        metrics["clip_ratio/region_mean"] = metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"]
+    metrics["policy_loss"] = total["loss"] - total["bonus"]
+    metrics["nonfinite_tokens"] = total["nonfinite"].to(nonfinite.dtype)
+    return global_loss, metrics

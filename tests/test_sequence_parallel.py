@@ -1,0 +1,77 @@
+"""Rows sharded by sequence on CPU (gloo, 2 and 3 processes, and a 2 x 2 sequence x vocabulary mesh, launched here):
+each rank's slice of every row's positions gives the unsharded call's loss, metrics and EUR, its slice of the
+per-token outputs and of the hidden gradient, and a share of the weight / bias gradient whose sum over the ranks is
+the whole one -- float64 to 1e-10 over every gate and TRL objective x loss type x importance-sampling level and every
+option (KL, bias correction, entropy bonus and mask, sampler ratio, off-policy mask, vespo's shape, groups, dapo's
+normaliser, per-token advantages, fractional masks, soft-cap, non-finite tokens dropped, on-policy), on uneven slicings
+with an empty slice, a rank without a valid token, a row entirely on one rank and a fully masked row; float32 and the
+Triton kernels (interpreter) on a subset; and ranks that disagree, or whose own arguments fail, all stop with an
+error that names the argument."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_inputs, run_distributed
+
+from fused_gates import gated_policy_loss, token_logprobs
+
+WORKER = Path(__file__).parent / "sequence_parallel" / "worker.py"
+
+LAUNCHES = {  # (processes, checks, vocabulary ranks)
+    "2-sequence-ranks": (2, "float64,float32,triton,logprobs,errors", 1),
+    "3-sequence-ranks": (3, "float64,logprobs", 1),
+    "2x2-sequence-by-vocabulary": (4, "float64,logprobs", 2),
+}
+
+
+def _launch(processes: int, checks: str, vocab_ranks: int):
+    return run_distributed(processes, [str(WORKER), checks, str(vocab_ranks)], env={"TRITON_INTERPRET": "1"})
+
+
+@pytest.fixture(scope="module")
+def launched() -> dict:
+    return {}
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCHES.keys())
+def test_sharded_rows_match_the_unsharded_call(launch, launched):
+    processes, checks, vocab_ranks = LAUNCHES[launch]
+    result = _launch(processes, checks, vocab_ranks)
+    launched[launch] = result
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count(": ok (") == processes, result.stdout
+
+
+ERRORS = {  # the worker's case -> the error every rank raises (the refusing rank: its own)
+    "rows": "ValueError: hidden: the ranks of sequence_group disagree on B (rows): [4, 3] by rank",
+    "option": "ValueError: tau_pos: the ranks of sequence_group disagree on its value: [2.0, 2.5] by rank",
+    "advantages": "ValueError: advantages: the ranks of sequence_group disagree on its values",
+    "value": "ValueError: hidden: 1 token(s) where the mask is set have non-finite hidden states",
+    "logprobs-option": "ValueError: temperature: the ranks of sequence_group disagree on its value: [0.7, 0.8]",
+}
+
+
+def test_ranks_that_disagree_all_get_an_error_naming_the_argument(launched):
+    result = launched.get("2-sequence-ranks") or _launch(*LAUNCHES["2-sequence-ranks"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = result.stdout  # the ranks print concurrently: their lines may interleave, so count the messages
+    for case, message in ERRORS.items():
+        assert out.count(f": {case}: {message}") == 2, (case, out)
+    refused = "ValueError: completion_ids: expected shape [4, 7] (B, T of hidden), got [4, 6]"
+    assert out.count(f"rank 1: argument: {refused}") == 1, out
+    assert out.count("rank 0: argument: ValueError: sequence_group: rank 1 of the group refused its arguments "
+                     f"({refused})") == 1, out
+
+
+@pytest.mark.parametrize("function", ["gated_policy_loss", "token_logprobs"])
+def test_a_sequence_group_without_torch_distributed_is_refused(function):
+    inputs = make_inputs(batch=2, length=3, hidden_size=5, vocab=7)
+    with pytest.raises(ValueError, match=r"sequence_group: torch\.distributed is not initialised"):
+        if function == "gated_policy_loss":
+            gated_policy_loss(inputs.hidden, inputs.weight, inputs.ids, inputs.advantages, sequence_group=object())
+        else:
+            token_logprobs(inputs.hidden, inputs.weight, inputs.ids, sequence_group=object())
+    assert not torch.distributed.is_initialized()
