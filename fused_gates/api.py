@@ -86,6 +86,7 @@ def gated_policy_loss(
     backend: str = H.backend,
     memory_budget_mb: float | None = H.memory_budget_mb,
     sequence_group: object | None = H.sequence_group,
+    sequence_ids: Tensor | None = L.sequence_ids,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -165,6 +166,12 @@ def gated_policy_loss(
             tokens' share of the ``weight`` / ``bias`` gradient (the sum over the ranks is the whole gradient).
             Only per-row sums are communicated: :mod:`fused_gates.sequence_parallel`. With ``process_group`` too,
             a 2-D mesh (each sequence rank's head sliced by vocabulary).
+        sequence_ids: [B, T] integer: packed rows (padding-free batches), each position's sequence in [0, S) (padding:
+            any other value, e.g. -1, with the mask 0). The loss's rows are then the S sequences (``grpo``'s mean,
+            ``dr_grpo``'s ``S * max_completion_length``, sequence-level ratios, vespo, the off-policy mask, EUR's
+            groups), ``advantages`` is [S] (one per sequence, indexed by the id) and ``group_ids`` / ``group_size``
+            group sequences. Along the batch the valid tokens' ids never decrease (each sequence one run, in order).
+            Works with ``sequence_group`` (each rank's slice of the packed rows). See :mod:`fused_gates.packed_rows`.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -182,8 +189,7 @@ def gated_policy_loss(
 
     given = {"completion_mask": completion_mask, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
     (batch, args), sequence = checked_on_every_rank(
-        sequence_group, check, lambda c: loss_fingerprint(c[0], head_options, loss_options, advantages, given),
-        lambda c: c[0].shape[0])
+        sequence_group, check, lambda c: loss_fingerprint(c[0], head_options, loss_options, advantages, given))
     implementation = resolve_backend(batch.backend, batch.head, args.config)
     planned = plan_loss_tokens(batch, args, sequence)
 
@@ -253,7 +259,7 @@ def token_logprobs(
     batch, sequence = checked_on_every_rank(
         sequence_group, lambda: check_batch(hidden, weight, completion_ids, completion_mask, options,
                                             nonfinite_policies=("raise", "propagate")),
-        lambda b: head_fingerprint(b, options), lambda b: b.shape[0])
+        lambda b: head_fingerprint(b, options))
     implementation = resolve_backend(batch.backend, batch.head, None)
     planned = plan_logprob_tokens(batch, sequence)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, batch.head)

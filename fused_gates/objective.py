@@ -150,11 +150,12 @@ class TokenTerms:
 
 @dataclass(frozen=True)
 class RowTotals:
-    """The sums over whole rows when this call's ``[B, T]`` tokens are not whole rows (the rows continue on the other
-    ranks of a sequence group): what :func:`aggregation_weights` and :func:`entropy_weights` divide by."""
+    """The sums over whole rows when this call's ``[B, T]`` rows are not the loss's rows (they continue on the other
+    ranks of a sequence group, or hold several packed sequences): what :func:`aggregation_weights` and
+    :func:`entropy_weights` divide by."""
 
-    rows: int  # rows of the batch
-    row_tokens: Tensor  # [B, 1] sum of the mask over each whole row
+    rows: int  # the loss's rows (sequences)
+    row_tokens: Tensor  # [B, 1] or [B, T]: sum of the mask over the whole row of each position
     total: Tensor  # 0-dim: sum of the mask over every row
 
 

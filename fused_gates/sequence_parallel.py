@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .gates import Gate
 from .metrics import cispo_flags, clip_flags, eur_from_row_sums
-from .objective import ObjectiveConfig, RowTotals, TokenData
+from .objective import ObjectiveConfig, TokenData
 from .validation import fail
 
 Checked = TypeVar("Checked")
@@ -57,12 +57,11 @@ UNFINGERPRINTED_OPTIONS = ("memory_budget_mb", "statistics_method", "sequence_gr
 
 @dataclass(frozen=True)
 class SequenceShard:
-    """This rank's place in a sequence group of ``size`` ranks over a batch of ``rows`` rows."""
+    """This rank's place in a sequence group of ``size`` ranks."""
 
     group: object
     rank: int
     size: int
-    rows: int
 
     def reduce(self, partial: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         """``partial`` (a fresh tensor: reduced in place) summed (or ``op``) over the group."""
@@ -72,16 +71,6 @@ class SequenceShard:
     def agree(self, failures: Tensor) -> Tensor:
         """The value checks' failure counts of every rank, summed: every rank raises the same error."""
         return self.reduce(failures)
-
-    def row_totals(self, mask: Tensor, bonus_mask: Tensor | None, vespo_log_ratio: Tensor | None
-                   ) -> tuple[RowTotals, Tensor, Tensor | None]:
-        """``(totals, bonus total, vespo's [B, 1] row sums or None)`` over whole rows, in one reduction: each row's
-        mask sum, the entropy bonus's masked sum (when an entropy mask makes it differ) and vespo's log-ratio sum."""
-        parts = [mask] + [p for p in (bonus_mask, vespo_log_ratio) if p is not None]
-        sums = self.reduce(torch.stack([p.sum(-1) for p in parts]))
-        totals = RowTotals(self.rows, sums[0].unsqueeze(1), sums[0].sum())
-        bonus_total = sums[1].sum() if bonus_mask is not None else totals.total
-        return totals, bonus_total, None if vespo_log_ratio is None else sums[-1].unsqueeze(1)
 
 
 def _group_place(group: object) -> tuple[int, int]:
@@ -94,7 +83,6 @@ def checked_on_every_rank(
     group: object | None,
     check: Callable[[], Checked],
     fingerprint: Callable[[Checked], Fingerprint],
-    rows: Callable[[Checked], int],
 ) -> tuple[Checked, SequenceShard | None]:
     """``check()`` (the argument checks) on every rank of ``group``, then one exchange of their outcomes and
     fingerprints: a rank whose checks failed re-raises its error and the others raise one naming that rank; ranks
@@ -119,7 +107,7 @@ def checked_on_every_rank(
             raise ValueError(f"sequence_group: rank {other} of the group refused its arguments ({message}); every "
                              f"rank of the group stops here")
     _compare_fingerprints([entries for _, entries in gathered])
-    return checked, SequenceShard(group, rank, world, rows(checked))
+    return checked, SequenceShard(group, rank, world)
 
 
 def _compare_fingerprints(tables: list[Fingerprint]) -> None:
@@ -195,7 +183,7 @@ def global_loss_and_metrics(
     ``ratio``, ``gate_value``, ``gate_grad`` and ``kl`` (at the computed tokens)."""
     m, rows = tokens.mask, tokens.row
     entropy, ratio, gate_value, gate_grad = (outputs[k] for k in ("entropy", "ratio", "gate_value", "gate_grad"))
-    count = sequence.rows
+    count = tokens.num_rows
 
     def per_row(values: Tensor, reduce: str = "sum") -> Tensor:
         if reduce == "sum":

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .arguments import Batch, LossArguments
 from .objective import VESPO_LOG_RATIO_CLAMP, VESPO_LOWER_LOG_WEIGHT, TokenData, aggregation_weights, entropy_weights
+from .packed_rows import whole_row_totals
 from .sequence_parallel import SequenceShard
 from .validation import fail
 
@@ -173,22 +174,26 @@ def plan_loss_tokens(head: Batch, args: LossArguments, sequence: SequenceShard |
             bad = ~torch.isfinite(value)
             checks.append(ValueCheck(name, "must be finite where the mask is set",
                                      (bad if keep is None else bad & keep).any()))
-    row_counts = run_value_checks(checks, _token_counts(keep, head.shape, device),
-                                  None if sequence is None else sequence.agree)
+    packed = args.packed
+    if packed is not None:
+        checks += _sequence_id_checks(packed, selected)
+    counts = _token_counts(keep, head.shape, device) if packed is None else packed.sums(
+        (selected if keep is None else keep).to(acc).unsqueeze(0))[0]
+    row_counts = run_value_checks(checks, counts, None if sequence is None else sequence.agree)
     plan = _plan(head.shape, keep, sum(row_counts))
 
     options = args.options
     entropy_mask = None if options.entropy_mask is None else options.entropy_mask.to(acc)
     bonus_mask = full_mask if entropy_mask is None else full_mask * entropy_mask
     totals = bonus_total = vespo_offset = None
-    if sequence is not None:
-        totals, bonus_total, vespo_offset = sequence.row_totals(full_mask, bonus_mask if entropy_mask is not None
-                                                                and args.config.has_entropy_bonus else None,
-                                                                _vespo_log_ratio(args, acc))
+    if sequence is not None or packed is not None:
+        totals, bonus_total, vespo_offset = whole_row_totals(
+            packed, full_mask, bonus_mask if entropy_mask is not None and args.config.has_entropy_bonus else None,
+            _vespo_log_ratio(args, acc), None if sequence is None else sequence.reduce)
     loss_weight = aggregation_weights(full_mask, options.loss_type, options.max_completion_length,
                                       options.num_items_in_batch, totals)
     row_tokens = (full_mask.sum(-1, keepdim=True) if totals is None else totals.row_tokens).clamp(min=1.0)
-    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
+    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length) if packed is None else packed.index
     tokens = TokenData(
         advantages=plan.gather(args.advantages.to(acc)),
         mask=plan.gather(full_mask),
@@ -198,7 +203,7 @@ def plan_loss_tokens(head: Batch, args: LossArguments, sequence: SequenceShard |
         ref_logprobs=None if args.ref_logprobs is None else plan.gather(args.ref_logprobs.to(acc)),
         row=plan.gather(rows),
         row_share=plan.gather(full_mask / row_tokens),
-        num_rows=batch,
+        num_rows=batch if packed is None else packed.count,
         policy_weight=_policy_weight(args, entropy_mask, acc, plan),
         sampling_logprobs=_sampling_logprobs(args, acc, plan),
         vespo_log_offset=_vespo_log_offset(args, acc, plan, vespo_offset),
@@ -244,6 +249,14 @@ def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan,
         return None
     row_sum = (log_ratio.sum(-1, keepdim=True) if row_sums is None else row_sums).expand_as(log_ratio)
     return plan.gather(row_sum)
+
+
+def _sequence_id_checks(packed, selected: Tensor) -> list[ValueCheck]:
+    """Packed rows: every valid token in a sequence, the sequences in order (one run each)."""
+    return [ValueCheck("sequence_ids", f"must lie in [0, {packed.count}) (S, the advantages' length) where the mask "
+                       "is set", (selected & ~packed.member).any()),
+            ValueCheck("sequence_ids", "must not decrease along the valid tokens of the batch (each sequence one "
+                       "run of positions, in order)", packed.out_of_order(selected))]
 
 
 def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:

@@ -8,7 +8,8 @@ head sliced by vocabulary over the 2 ranks holding the same positions). Exits no
 
 The inputs (B = 4, T = 11) hold a fully masked row (1), a row with A = 0 (2), a row whose valid tokens all lie in
 the first three positions, so on the first rank for every slicing (3), and positions 5-7 masked in every row, so
-that a rank whose slice is within them has no valid token; slicings are uneven and include an empty slice.
+that a rank whose slice is within them has no valid token; slicings are uneven and include an empty slice. A few
+cases pack two sequences into each row (``sequence_ids``), split across the ranks.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def option_cases(inputs) -> dict[str, dict]:
         "sigmoid-fractional-mask": dict(gate="sigmoid", fractional_mask=True, loss_type="bnpo"),
         "arctan-nonfinite-zero": dict(gate="arctan", on_nonfinite="zero", nonfinite=True),
         "sigmoid-no-bias": dict(gate="sigmoid", no_bias=True, loss_type="dr_grpo"),
+        "packed-erf-grpo-group-size": dict(packed=True, gate="erf", group_size=4),
+        "packed-clip-luspo-sequence": dict(packed=True, gate="clip", loss_type="luspo",
+                                           importance_sampling_level="sequence"),
+        "packed-sigmoid-off-policy-entropy-mask": dict(packed=True, gate="sigmoid", off_policy_mask_threshold=0.04,
+                                                       entropy_mask=entropy_mask, entropy_coef=0.03),
+        "packed-vespo-sampling-ratio": dict(packed=True, gate="vespo", loss_type="dapo",
+                                            sampling_ratio=sampling_ratio),
     }
 
 
@@ -136,6 +144,7 @@ def run_case(inputs, shards: Shards, cols: slice, options: dict, dtype, backend:
     fractional = options.pop("fractional_mask", False)
     nonfinite = options.pop("nonfinite", False)
     no_bias = options.pop("no_bias", False)
+    packed = options.pop("packed", False)
     hidden = inputs.hidden.to(dtype).clone()
     if nonfinite:
         hidden[0, LENGTH - 1, 2] = float("nan")
@@ -144,6 +153,11 @@ def run_case(inputs, shards: Shards, cols: slice, options: dict, dtype, backend:
     if token_advantages:
         advantages = advantages.unsqueeze(1) + 0.3 * torch.cos(torch.arange(LENGTH, dtype=dtype))
     old = None if on_policy else inputs.old.to(dtype)
+    if packed:  # two sequences per row, split at an uneven position: S = 2 B, one advantage each
+        split = torch.tensor([2, 6, 4, 9]).unsqueeze(1)
+        rows = torch.arange(4).unsqueeze(1)
+        options["sequence_ids"] = 2 * rows + (torch.arange(LENGTH) >= split).long()
+        advantages = torch.cat([advantages, -0.5 * advantages.flip(0)])
 
     def per_token(t, sharded):
         if t is None or not isinstance(t, torch.Tensor) or t.dim() != 2:
