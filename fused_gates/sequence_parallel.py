@@ -6,23 +6,25 @@ What crosses the ranks is never a hidden state, a logit or a per-token value: pe
 bytes per number (8 for float64 inputs, else 4),
 
 1. before any work, one ``all_gather_object`` of each rank's fingerprint: its shapes (``B``, ``H``, dtype, head
-   rows), every option, and the values of the per-row inputs (advantages [B], ``group_ids``), or the error its own
-   argument checks raised, so that a rank whose arguments fail, or that disagrees with the others, stops every rank
-   with an error that names the argument instead of leaving them waiting in a later collective
-   (a few hundred bytes, plus ``8 B`` per per-row input);
-2. one ``all_reduce`` of the value checks' failure counts (at most a dozen float64), for the same reason;
+   rows), every option, a digest of each per-row input's values (advantages [B], ``group_ids``), or instead the
+   error its own argument checks raised, so that a rank whose arguments fail, or that disagrees with the others,
+   stops every rank with an error that names the argument instead of leaving them waiting in a later collective
+   (about 200 pickled bytes whatever B);
+2. one ``all_reduce`` of the value checks' failure counts (4 to 10 float64), for the same reason;
 3. one ``all_reduce`` of the row totals the aggregation divides by: each row's mask sum (``s B``), with an entropy
    mask and an entropy bonus the masked sum (``s B``), for vespo with the sampler's ratio its log-ratio sum
    (``s B``);
 4. the objective's whole-row sums, only where a token's coefficient depends on its whole row: one ``all_reduce`` of
    ``s B`` each, 2 at sequence level (the row's mean log-ratio, then its sum of ``w dP/dr``), 1 for vespo (the row's
    log-ratio), 2 for the off-policy mask (the row's tokens and its log-ratio sum);
-5. the loss and the metrics: one ``all_reduce(SUM)`` of ``s (2 B + 8)`` (each row's tokens and ``sum m f'(r)``, and
-   the scalar sums) and one ``all_reduce(MAX)`` of ``s (2 + c B)`` (the ratio's range; ``c`` = 2 per-row clip flags for
-   ``clip``, 1 for ``cispo`` / ``vespo`` at sequence level, else 0).
+5. the loss and the metrics: one ``all_reduce(SUM)`` of ``s (2 B + k)`` (each row's tokens and ``sum m f'(r)``, and
+   6 to 9 scalar sums) and one ``all_reduce(MAX)`` of ``s (2 + c B)`` (the ratio's range; ``c`` per-row flags where
+   TRL counts them per row: 2 for ``clip`` and 1 for ``cispo`` at sequence level, 1 for ``vespo``, with [B]
+   advantages).
 
-That is ``3 s`` to ``12 s`` bytes per row per call (24 to 96 bytes per row in float64, e.g. 2 KiB for B = 64 with
-sequence-level ratios), independent of T, H and V.
+That is ``3 s`` to ``13 s`` bytes per row (12 to 52 in float32 and bfloat16, 24 to 104 in float64) plus about 300
+bytes per call, independent of T, H and V: e.g. B = 8 in float32 at sequence level, 232 bytes of all-reduces and a
+195-byte fingerprint per rank (measured by ``fused_gates.integrations.app.context_parallel``).
 
 Each rank's loss is the global one (the others' part enters as a constant), so ``loss.backward()`` on every rank
 gives the gradient of the global loss with respect to its own tokens' hidden states, and its own tokens' share of
@@ -34,6 +36,8 @@ recomputes the logits (four products instead of three), as an unsharded row long
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -97,7 +101,9 @@ def checked_on_every_rank(
         entries = fingerprint(checked)
     except Exception as raised:  # every rank must learn of it before any of them waits in a collective
         error = raised
-    mine = (None if error is None else f"{type(error).__name__}: {error}", entries)
+    # only the values travel: the names are the same code on every rank
+    mine = (None if error is None else f"{type(error).__name__}: {error}",
+            None if entries is None else [value for _, _, value in entries])
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
     if error is not None:
@@ -106,24 +112,25 @@ def checked_on_every_rank(
         if message is not None:
             raise ValueError(f"sequence_group: rank {other} of the group refused its arguments ({message}); every "
                              f"rank of the group stops here")
-    _compare_fingerprints([entries for _, entries in gathered])
+    _compare_fingerprints(entries, [values for _, values in gathered])
     return checked, SequenceShard(group, rank, world)
 
 
-def _compare_fingerprints(tables: list[Fingerprint]) -> None:
-    for column, (argument, what, _) in enumerate(tables[0]):
-        values = [table[column][2] for table in tables]
+def _compare_fingerprints(entries: Fingerprint, tables: list[list[object]]) -> None:
+    for column, (argument, what, _) in enumerate(entries):
+        values = [table[column] for table in tables]
         if any(value != values[0] for value in values[1:]):
-            shown = values if all(not isinstance(v, tuple) or len(v) <= 8 for v in values) else "(differ)"
-            raise ValueError(f"{argument}: the ranks of sequence_group disagree on {what}: {shown} by rank")
+            raise ValueError(f"{argument}: the ranks of sequence_group disagree on {what}: {values} by rank")
 
 
 def _describe(value: object) -> object:
-    """A comparable description of an option's value: tensors of one value per row by their values, per-token
-    tensors by their rows (their lengths are each rank's own), a gate by its name."""
+    """A comparable description of an option's value: tensors of one value per row by a digest of their values
+    (8 bytes whatever B), per-token tensors by their rows (their lengths are each rank's own), a gate by its name."""
     if isinstance(value, Tensor):
         if value.dim() <= 1:
-            return tuple(value.detach().double().cpu().reshape(-1).tolist())
+            values = value.detach().double().cpu().reshape(-1).tolist()
+            digest = hashlib.blake2b(struct.pack(f"<{len(values)}d", *values), digest_size=8).hexdigest()
+            return f"{len(values)} values, digest {digest}"
         return ("per token", value.shape[0], str(value.dtype))
     if isinstance(value, Gate):
         return value.name
