@@ -165,7 +165,8 @@ def gated_policy_loss(
             (those of the unsharded call), its slice's per-token outputs, its own tokens' ``hidden`` gradient and its
             tokens' share of the ``weight`` / ``bias`` gradient (the sum over the ranks is the whole gradient).
             Only per-row sums are communicated: :mod:`fused_gates.sequence_parallel`. With ``process_group`` too,
-            a 2-D mesh (each sequence rank's head sliced by vocabulary).
+            a 2-D mesh (each sequence rank's head sliced by vocabulary). TRL's entropy mask over sharded rows:
+            :func:`fused_gates.high_entropy_mask`.
         sequence_ids: [B, T] integer: packed rows (padding-free batches), each position's sequence in [0, S) (padding:
             any other value, e.g. -1, with the mask 0). The loss's rows are then the S sequences (``grpo``'s mean,
             ``dr_grpo``'s ``S * max_completion_length``, sequence-level ratios, vespo, the off-policy mask, EUR's

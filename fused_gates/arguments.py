@@ -190,7 +190,8 @@ def check_loss_arguments(
     if config.beta != 0 and ref_logprobs is None:
         raise fail("ref_logprobs", "is required when beta != 0")
     if options.group_size is not None and sequences % options.group_size:
-        raise fail("group_size", f"{options.group_size} does not divide the batch size B={sequences}")
+        what = "batch size B" if packed is None else "number of sequences S"
+        raise fail("group_size", f"{options.group_size} does not divide the {what}={sequences}")
     group_ids = options.group_ids
     if group_ids is not None:
         check_tensor("group_ids", group_ids)

@@ -32,6 +32,11 @@ the weight (and bias) gradient: the sum over the ranks is the unsharded call's (
 gradient, as data parallelism already does). Where a token's coefficient depends on its whole row (sequence-level
 ratios, vespo, the off-policy mask) the forward takes the statistics of every token first and the backward
 recomputes the logits (four products instead of three), as an unsharded row longer than a chunk does.
+
+:func:`high_entropy_mask` gives TRL's ``top_entropy_quantile`` mask (the ``entropy_mask`` input) over tokens spread
+across ranks, exactly, by a radix selection of the quantile's order statistics (histograms, not entropies, cross the
+ranks). The collectives need the group's device: CPU tensors with gloo, CUDA tensors (and
+``torch.cuda.set_device``) with NCCL.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from torch import Tensor
 from .gates import Gate
 from .metrics import cispo_flags, clip_flags, eur_from_row_sums
 from .objective import ObjectiveConfig, TokenData
-from .validation import fail
+from .validation import check_number, fail
 
 Checked = TypeVar("Checked")
 Fingerprint = list[tuple[str, str, object]]  # (argument, what, value)
@@ -259,3 +264,64 @@ def global_loss_and_metrics(
     metrics["policy_loss"] = total["loss"] - total["bonus"]
     metrics["nonfinite_tokens"] = total["nonfinite"].to(nonfinite.dtype)
     return global_loss, metrics
+
+
+# -- TRL's entropy mask over sharded rows --------------------------------------------------------------------------
+
+_RADIX_BITS = 8
+
+
+def _order_keys(values: Tensor) -> Tensor:
+    """float32 values as int64 keys in [0, 2^32) with the same order (sign flipped, negatives' bits reversed)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+
+
+def _from_order_key(key: int) -> Tensor:
+    bits = key & 0x7FFFFFFF if key >= 0x80000000 else 0xFFFFFFFF - key
+    return torch.tensor([bits - (1 << 32) if bits >= 0x80000000 else bits], dtype=torch.int32).view(torch.float32)[0]
+
+
+def _order_statistic(keys: Tensor, rank: int, group: object) -> int:
+    """The ``rank``-th smallest (0-based) of the keys of every rank of ``group``: a radix selection, one all-reduce
+    of a 256-bin histogram per byte of the key (4 of 2 KiB), no value crossing the ranks."""
+    prefix, remaining = 0, rank
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        candidates = keys[(keys >> (shift + _RADIX_BITS)) == (prefix >> (shift + _RADIX_BITS))]
+        digits = (candidates >> shift) & ((1 << _RADIX_BITS) - 1)
+        histogram = torch.bincount(digits, minlength=1 << _RADIX_BITS)
+        dist.all_reduce(histogram, group=group)
+        cumulative = histogram.cumsum(0)
+        digit = int(torch.searchsorted(cumulative, remaining, right=True))
+        remaining -= int(cumulative[digit - 1]) if digit else 0
+        prefix |= digit << shift
+    return prefix
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: float, group: object | None = None) -> Tensor:
+    """TRL's ``top_entropy_quantile`` mask (``GRPOTrainer.get_high_entropy_mask``: the valid tokens whose float32
+    entropy is at least the ``threshold`` quantile of every valid token's, ``torch.quantile``'s linear
+    interpolation) when the tokens are spread over the ranks of ``group`` -- a sequence group's slices of the rows,
+    or data-parallel processes -- exactly, without gathering the entropies: a radix selection of the two order
+    statistics around the quantile (8 all-reduces of a 256-bin histogram, 2 KiB each, and one of the token count).
+    ``entropies``, ``mask``: this rank's [B, T] (e.g. from :func:`fused_gates.token_logprobs`); returns a bool [B, T]
+    to pass as ``entropy_mask``."""
+    check_number("threshold", threshold, allow_minimum=True, maximum=1.0)
+    valid = mask.bool()
+    local = entropies[valid].float()
+    count = torch.tensor([local.numel()], dtype=torch.int64, device=entropies.device)
+    if group is not None:
+        _group_place(group)
+        dist.all_reduce(count, group=group)
+    total = int(count)
+    if total == 0:
+        return torch.zeros_like(valid)
+    position = torch.tensor(threshold, dtype=torch.float32) * (total - 1)  # torch.quantile's arithmetic, in float32
+    below = position.floor()
+    keys = _order_keys(local)
+    if group is None:
+        low_key, high_key = (int(keys.kthvalue(int(k) + 1).values) for k in (below, position.ceil()))
+    else:
+        low_key, high_key = (_order_statistic(keys, int(k), group) for k in (below, position.ceil()))
+    quantile = torch.lerp(_from_order_key(low_key), _from_order_key(high_key), position - below)
+    return (entropies * mask.float() >= quantile.to(entropies.device)) & valid  # TRL's comparison

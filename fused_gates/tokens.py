@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .arguments import Batch, LossArguments
 from .objective import VESPO_LOG_RATIO_CLAMP, VESPO_LOWER_LOG_WEIGHT, TokenData, aggregation_weights, entropy_weights
-from .packed_rows import whole_row_totals
+from .packed_rows import PackedRows, whole_row_totals
 from .sequence_parallel import SequenceShard
 from .validation import fail
 
@@ -243,7 +243,7 @@ def _vespo_log_ratio(args: LossArguments, acc: torch.dtype) -> Tensor | None:
 def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan,
                       row_sums: Tensor | None = None) -> Tensor | None:
     """vespo's ``sum_t clamp(log q^vllm_t, log 1e-8, 20)`` of each row, over every position as TRL sums it
-    (``row_sums`` [B, 1]: already summed over the ranks of a sequence group)."""
+    (``row_sums`` [B, 1] or [B, T]: already summed over whole rows, across ranks or over packed sequences)."""
     log_ratio = _vespo_log_ratio(args, acc)
     if log_ratio is None:
         return None
@@ -251,7 +251,7 @@ def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan,
     return plan.gather(row_sum)
 
 
-def _sequence_id_checks(packed, selected: Tensor) -> list[ValueCheck]:
+def _sequence_id_checks(packed: PackedRows, selected: Tensor) -> list[ValueCheck]:
     """Packed rows: every valid token in a sequence, the sequences in order (one run each)."""
     return [ValueCheck("sequence_ids", f"must lie in [0, {packed.count}) (S, the advantages' length) where the mask "
                        "is set", (selected & ~packed.member).any()),

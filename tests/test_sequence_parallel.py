@@ -18,13 +18,13 @@ import pytest
 import torch
 from helpers import make_inputs, run_distributed
 
-from fused_gates import gated_policy_loss, token_logprobs
+from fused_gates import gated_policy_loss, high_entropy_mask, token_logprobs
 
 WORKER = Path(__file__).parent / "sequence_parallel" / "worker.py"
 
 LAUNCHES = {  # (processes, checks, vocabulary ranks)
-    "2-sequence-ranks": (2, "float64,float32,triton,logprobs,errors", 1),
-    "3-sequence-ranks": (3, "float64,logprobs", 1),
+    "2-sequence-ranks": (2, "float64,float32,triton,logprobs,entropy_mask,errors", 1),
+    "3-sequence-ranks": (3, "float64,logprobs,entropy_mask", 1),
     "2x2-sequence-by-vocabulary": (4, "float64,logprobs", 2),
 }
 
@@ -95,3 +95,30 @@ def test_context_parallel_example_runs_agrees_and_counts_only_per_row_traffic(tm
         assert max(row["errors"].values()) < 1e-5, row
         assert row["collectives"] == {"all_gather_object (sequence)": 1, "all_reduce (sequence)": 6}, row
     assert [r["bytes"] for r in rows[0]] == [r["bytes"] for r in rows[1]]  # T does not change the traffic
+
+
+def _trl_high_entropy_mask(entropies, mask, threshold):
+    """TRL 1.16's ``GRPOTrainer.get_high_entropy_mask`` on one process."""
+    local = entropies[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    return (entropies * mask.float() >= torch.quantile(local, threshold)) & mask.bool()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_high_entropy_mask_on_one_process_is_trls(dtype):
+    """The radix selection's order statistics and torch.quantile's interpolation, on ties, a negative rounding, masks
+    without a valid token and the extreme quantiles (the sharded form: the workers above)."""
+    g = torch.Generator().manual_seed(4)
+    for trial in range(300):
+        shape = tuple(torch.randint(1, 7, (2,), generator=g).tolist())
+        entropies = (torch.rand(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+        if trial % 3 == 0:
+            entropies = (entropies * 2).round() / 2
+        entropies.view(-1)[0] = -1e-7
+        mask = (torch.rand(shape, generator=g) > (0.3 if trial % 10 else 1.0)).long()
+        threshold = (0.0, 1.0, 0.5)[trial % 3] if trial < 30 else float(torch.rand(1, generator=g))
+        assert torch.equal(high_entropy_mask(entropies, mask, threshold),
+                           _trl_high_entropy_mask(entropies, mask, threshold)), (trial, threshold)
+    with pytest.raises(ValueError, match=r"threshold: must be in \[0, 1\]"):
+        high_entropy_mask(entropies, mask, 1.5)

@@ -3,8 +3,9 @@ the loss with this rank's slice of every row's positions against the unsharded c
 cases and several slicings per launch.
 
 Usage: worker.py CHECKS [VOCAB_RANKS]   (CHECKS: a comma-separated subset of float64, float32, triton, logprobs,
-errors; VOCAB_RANKS: with 2, a 2-D mesh: the world is split into sequence groups of world / 2 ranks, each rank's
-head sliced by vocabulary over the 2 ranks holding the same positions). Exits non-zero with the first mismatch.
+entropy_mask, errors; VOCAB_RANKS: with 2, a 2-D mesh: the world is split into sequence groups of world / 2 ranks,
+each rank's head sliced by vocabulary over the 2 ranks holding the same positions). Exits non-zero with the first
+mismatch.
 
 The inputs (B = 4, T = 11) hold a fully masked row (1), a row with A = 0 (2), a row whose valid tokens all lie in
 the first three positions, so on the first rank for every slicing (3), and positions 5-7 masked in every row, so
@@ -34,6 +35,7 @@ from fused_gates import (
     gated_policy_loss,
     token_logprobs,
 )
+from fused_gates.sequence_parallel import high_entropy_mask
 
 LENGTH = 11
 SLICINGS = {  # positions per rank; each launch runs every slicing of its sequence-group size
@@ -236,6 +238,36 @@ def check_everything(inputs, shards: Shards, checks: set[str]) -> int:
                     error = max_abs(got, want)
                     assert error <= atol, f"rank {dist.get_rank()}: {backend} token_logprobs {what} {label}: {error}"
                 ran += 1
+        if "entropy_mask" in checks:
+            ran += check_entropy_mask(inputs, shards, cols, label)
+    return ran
+
+
+def trl_high_entropy_mask(entropies, mask, threshold):
+    """TRL 1.16's ``GRPOTrainer.get_high_entropy_mask`` on one process (the whole batch)."""
+    local = entropies[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    return (entropies * mask.float() >= torch.quantile(local, threshold)) & mask.bool()
+
+
+def check_entropy_mask(inputs, shards: Shards, cols: slice, label: str) -> int:
+    """The mask from each rank's slice equals TRL's on the whole batch: ties, a negative rounding, float64
+    entropies, the extreme quantiles."""
+    g = torch.Generator().manual_seed(9)
+    ran = 0
+    for trial in range(40):
+        entropies = torch.rand(inputs.mask.shape, generator=g, dtype=torch.float64) * 4
+        if trial % 3 == 0:
+            entropies = (entropies * 2).round() / 2  # ties
+        if trial % 2:
+            entropies = entropies.float()
+        entropies[0, 0] = -1e-7
+        threshold = (0.0, 1.0, 0.8, 0.37)[trial % 4] if trial < 8 else float(torch.rand(1, generator=g))
+        ours = high_entropy_mask(entropies[:, cols], inputs.mask[:, cols], threshold, shards.sequence_group)
+        whole = trl_high_entropy_mask(entropies, inputs.mask, threshold)[:, cols]
+        assert torch.equal(ours, whole), f"rank {dist.get_rank()}: entropy mask {label} trial {trial}"
+        ran += 1
     return ran
 
 
