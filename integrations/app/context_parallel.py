@@ -15,7 +15,8 @@ positions.
 
 The example checks every rank's results against the unsharded call on the whole batch, and counts the collectives
 the sharded call makes (one loss step: forward and backward) and their bytes, which depend on the rows and the
-objective, not on T, H or V; with ``--out`` rank 0 appends a JSON line per rank.
+objective, not on T, H or V, and times both steps (one step each, the first call: a rough figure); with ``--out``
+rank 0 appends a JSON line per rank.
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                                     old[:, cols], args, sequence_group=sequence_group, process_group=vocab_group)
         seconds = time.perf_counter() - start
     dist.all_reduce(w_grad, group=sequence_group)  # the shares of the head's gradient, as data parallelism sums them
+    start = time.perf_counter()
     ref, ref_h_grad, ref_w_grad = _step(hidden, weight, ids, mask, advantages, old, args)
+    unsharded_seconds = time.perf_counter() - start
     errors = {
         "loss": (out.loss - ref.loss).abs().item(),
         "eur": (out.eur - ref.eur).abs().item(),
@@ -164,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     row = {"rank": rank, "world": world, "vocab_ranks": args.vocab_ranks, "positions": [cols.start, cols.stop],
            "batch": args.batch, "length": args.length, "gate": args.gate, "loss_type": args.loss_type,
            "level": args.level, "dtype": str(dtype), "collectives": dict(calls), "bytes": dict(sent),
-           "sequence_bytes_per_row": sequence_bytes / args.batch, "seconds": seconds, "errors": errors,
+           "sequence_bytes_per_row": sequence_bytes / args.batch, "seconds": seconds,
+           "unsharded_seconds": unsharded_seconds, "errors": errors,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     print(f"rank {rank}/{world}: positions [{cols.start}, {cols.stop}) of {args.length}, vocabulary rows "
           f"[{rows.start}, {rows.stop}); loss {out.loss.item():.6f} (unsharded {ref.loss.item():.6f}); "
           f"collectives {dict(calls)}, bytes sent {dict(sent)} (sequence axis: {sequence_bytes / args.batch:.0f} per "
-          "row); "
+          f"row); {seconds:.3f} s (unsharded, the whole batch on one rank: {unsharded_seconds:.3f} s); "
           "max |difference| " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
     rows_all = [None] * world
     dist.all_gather_object(rows_all, row)

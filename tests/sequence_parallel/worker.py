@@ -32,6 +32,7 @@ from fused_gates import (
     LOSS_TYPES,
     PAPER_GATES,
     POLICY_OBJECTIVES,
+    Gate,
     gated_policy_loss,
     token_logprobs,
 )
@@ -42,6 +43,8 @@ SLICINGS = {  # positions per rank; each launch runs every slicing of its sequen
     2: ([4, 7], [8, 3]),
     3: ([4, 1, 6], [5, 0, 6], [3, 3, 5]),
 }
+CUSTOM_GATE = Gate("cauchy_squared", lambda r, tau: 1 + torch.atan(tau * (r - 1)) / tau,
+                   lambda r, tau: 1 / (1 + (tau * (r - 1)) ** 2))  # a user's Gate object (arctan's maths)
 BASE = dict(tau_pos=2.0, tau_neg=3.0, epsilon_low=0.2, epsilon_high=0.28, temperature=0.8, max_completion_length=13)
 
 
@@ -82,6 +85,7 @@ def option_cases(inputs) -> dict[str, dict]:
         "sigmoid-fractional-mask": dict(gate="sigmoid", fractional_mask=True, loss_type="bnpo"),
         "arctan-nonfinite-zero": dict(gate="arctan", on_nonfinite="zero", nonfinite=True),
         "sigmoid-no-bias": dict(gate="sigmoid", no_bias=True, loss_type="dr_grpo"),
+        "custom-gate-object-sequence": dict(gate=CUSTOM_GATE, importance_sampling_level="sequence", group_size=2),
         "packed-erf-grpo-group-size": dict(packed=True, gate="erf", group_size=4),
         "packed-clip-luspo-sequence": dict(packed=True, gate="clip", loss_type="luspo",
                                            importance_sampling_level="sequence"),
