@@ -127,9 +127,9 @@ def plan_logprob_tokens(head: Batch, sequence: SequenceShard | None = None) -> L
     if head.on_nonfinite == "raise":
         bad = ~_finite_rows(head.hidden)
         checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, (bad if keep is None else bad & keep).sum()))
-    (count,) = run_value_checks(checks, None if keep is None else keep.sum(),
-                                None if sequence is None else sequence.agree)
-    plan = _plan(head.shape, keep, count)
+    counts = run_value_checks(checks, None if keep is None else keep.sum(),
+                              None if sequence is None else sequence.agree)
+    plan = _plan(head.shape, keep, counts[0] if counts else 0)  # without a mask every token is computed
     return LogprobTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids))
 
 

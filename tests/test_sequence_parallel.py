@@ -122,3 +122,12 @@ def test_high_entropy_mask_on_one_process_is_trls(dtype):
                            _trl_high_entropy_mask(entropies, mask, threshold)), (trial, threshold)
     with pytest.raises(ValueError, match=r"threshold: must be in \[0, 1\]"):
         high_entropy_mask(entropies, mask, 1.5)
+
+
+def test_token_logprobs_without_a_mask_computes_every_token():
+    """The token plan without a mask (every token computed; the sharded calls above pass none too)."""
+    inputs = make_inputs(batch=2, length=3, hidden_size=5, vocab=7)
+    logp, entropy = token_logprobs(inputs.hidden, inputs.weight, inputs.ids)
+    expected = torch.log_softmax(inputs.hidden @ inputs.weight.T, -1)
+    assert torch.allclose(logp, expected.gather(-1, inputs.ids.unsqueeze(-1)).squeeze(-1), atol=1e-12)
+    assert torch.allclose(entropy, -(expected.exp() * expected).sum(-1), atol=1e-12)

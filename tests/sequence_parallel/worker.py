@@ -231,12 +231,16 @@ def check_everything(inputs, shards: Shards, checks: set[str]) -> int:
                         TOLERANCES[torch.float32], f"triton {name} ({label})")
                 ran += 1
         if "logprobs" in checks:
-            for backend, dtype, atol in (("torch", torch.float64, 1e-12), ("triton", torch.float32, 2e-5)):
+            for backend, dtype, atol, masked in (("torch", torch.float64, 1e-12, True),
+                                                 ("torch", torch.float64, 1e-12, False),
+                                                 ("triton", torch.float32, 2e-5, True)):
                 h, w, b = (t.to(dtype) for t in (inputs.hidden, inputs.weight, inputs.bias))
-                ours = token_logprobs(h[:, cols], w[shards.vocab_rows], inputs.ids[:, cols], inputs.mask[:, cols],
-                                      bias=b[shards.vocab_rows], temperature=0.8, logit_softcap=3.0, backend=backend,
+                mask = inputs.mask if masked else None
+                ours = token_logprobs(h[:, cols], w[shards.vocab_rows], inputs.ids[:, cols],
+                                      None if mask is None else mask[:, cols], bias=b[shards.vocab_rows],
+                                      temperature=0.8, logit_softcap=3.0, backend=backend,
                                       process_group=shards.vocab_group, sequence_group=shards.sequence_group)
-                whole = token_logprobs(h, w, inputs.ids, inputs.mask, bias=b, temperature=0.8, logit_softcap=3.0,
+                whole = token_logprobs(h, w, inputs.ids, mask, bias=b, temperature=0.8, logit_softcap=3.0,
                                        backend=backend)
                 for got, want, what in ((ours[0], whole[0][:, cols], "logp"), (ours[1], whole[1][:, cols], "entropy")):
                     error = max_abs(got, want)
