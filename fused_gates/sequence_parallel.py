@@ -22,9 +22,11 @@ bytes per number (8 for float64 inputs, else 4),
    TRL counts them per row: 2 for ``clip`` and 1 for ``cispo`` at sequence level, 1 for ``vespo``, with [B]
    advantages).
 
-That is ``3 s`` to ``13 s`` bytes per row (12 to 52 in float32 and bfloat16, 24 to 104 in float64) plus about 300
-bytes per call, independent of T, H and V: e.g. B = 8 in float32 at sequence level, 232 bytes of all-reduces and a
-195-byte fingerprint per rank (measured by ``fused_gates.integrations.app.context_parallel``).
+That is ``3 s`` bytes per row at token level and at most ``11 s`` (vespo at sequence level with the sampler's ratio,
+an entropy mask and bonus, and the off-policy mask): 12 to 44 bytes per row in float32 and bfloat16, 24 to 88 in
+float64, plus about 300 bytes per call, independent of T, H and V. Measured by
+``fused_gates.integrations.app.context_parallel`` (B = 8, float32, per rank): 168 bytes of all-reduces at token
+level, 232 at sequence level, and a 195-byte fingerprint.
 
 Each rank's loss is the global one (the others' part enters as a constant), so ``loss.backward()`` on every rank
 gives the gradient of the global loss with respect to its own tokens' hidden states, and its own tokens' share of
