@@ -159,8 +159,9 @@ def gated_policy_loss(
         memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU; on CUDA 10% of the free
             memory within [256, 1792] MiB: :mod:`fused_gates.chunk_driver`); sets the token chunk size.
         sequence_group: rows sharded by sequence (context parallelism): each rank of this process group passes the
-            same contiguous slice ``[t0, t1)`` of every row's positions (rank order = position order; slices may be
-            uneven or empty) of ``hidden``, ``completion_ids``, the mask and every per-token input, and the per-row
+            same positions of every row -- a contiguous slice ``[t0, t1)`` as Ulysses leaves them (slices may be
+            uneven or empty), or any other split, e.g. ring attention's load-balanced chunks -- of ``hidden``,
+            ``completion_ids`` (shifted before the split), the mask and every per-token input, and the per-row
             inputs (``advantages`` [B], ``group_ids``) whole. Every rank returns the global loss, metrics and EUR
             (those of the unsharded call), its slice's per-token outputs, its own tokens' ``hidden`` gradient and its
             tokens' share of the ``weight`` / ``bias`` gradient (the sum over the ranks is the whole gradient).

@@ -1,6 +1,7 @@
 """Rows sharded by sequence (context parallelism: Ulysses, ring attention): each rank of a ``sequence_group`` holds
-the same contiguous slice ``[t0, t1)`` of every row's positions (rank order = position order; slices may be uneven or
-empty), and every aggregation over a row or the batch is made whole by reductions of per-row sums.
+the same positions of every row -- a contiguous slice ``[t0, t1)`` (slices may be uneven or empty), or any other
+split such as the load-balanced chunks of PyTorch's ring attention, since only sums over the positions are taken --
+and every aggregation over a row or the batch is made whole by reductions of per-row sums.
 
 What crosses the ranks is never a hidden state, a logit or a per-token value: per call, with ``B`` rows and ``s``
 bytes per number (8 for float64 inputs, else 4),

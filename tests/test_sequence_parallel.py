@@ -1,13 +1,13 @@
 """Rows sharded by sequence on CPU (gloo, 2 and 3 processes, and a 2 x 2 sequence x vocabulary mesh, launched here):
-each rank's slice of every row's positions gives the unsharded call's loss, metrics and EUR, its slice of the
-per-token outputs and of the hidden gradient, and a share of the weight / bias gradient whose sum over the ranks is
-the whole one -- float64 to 1e-10 over every gate and TRL objective x loss type x importance-sampling level and every
-option (KL, bias correction, entropy bonus and mask, sampler ratio, off-policy mask, vespo's shape, groups, dapo's
-normaliser, per-token advantages, fractional masks, soft-cap, non-finite tokens dropped, on-policy, packed rows), on
-uneven slicings
-with an empty slice, a rank without a valid token, a row entirely on one rank and a fully masked row; float32 and the
-Triton kernels (interpreter) on a subset; and ranks that disagree, or whose own arguments fail, all stop with an
-error that names the argument."""
+each rank's positions of every row give the unsharded call's loss, metrics and EUR, its part of the per-token outputs
+and of the hidden gradient, and a share of the weight / bias gradient whose sum over the ranks is the whole one --
+float64 to 1e-10 over every gate and TRL objective x loss type x importance-sampling level and every option (KL,
+bias correction, entropy bonus and mask, sampler ratio, off-policy mask, vespo's shape, groups, dapo's normaliser,
+per-token advantages, fractional masks, soft-cap, non-finite tokens dropped, on-policy, packed rows, a user's Gate),
+on uneven slicings with an empty slice and on ring attention's load-balanced chunks, with a rank without a valid
+token, a row entirely on one rank and a fully masked row; float32 and the Triton kernels (interpreter) on a subset;
+TRL's entropy mask over the ranks; and ranks that disagree, or whose own arguments fail, all stop with an error that
+names the argument."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ mismatch.
 
 The inputs (B = 4, T = 11) hold a fully masked row (1), a row with A = 0 (2), a row whose valid tokens all lie in
 the first three positions, so on the first rank for every slicing (3), and positions 5-7 masked in every row, so
-that a rank whose slice is within them has no valid token; slicings are uneven and include an empty slice. A few
+that a rank whose slice is within them has no valid token; slicings are uneven and include an empty slice and
+PyTorch context_parallel's load-balanced layout (two chunks per rank, not contiguous). A few
 cases pack two sequences into each row (``sequence_ids``), split across the ranks.
 """
 
@@ -40,9 +41,11 @@ from fused_gates.sequence_parallel import high_entropy_mask
 
 LENGTH = 11
 SLICINGS = {  # positions per rank; each launch runs every slicing of its sequence-group size
-    2: ([4, 7], [8, 3]),
-    3: ([4, 1, 6], [5, 0, 6], [3, 3, 5]),
+    2: ([4, 7], [8, 3], "load-balanced"),
+    3: ([4, 1, 6], [5, 0, 6], [3, 3, 5], "load-balanced"),
 }
+"""``load-balanced``: PyTorch's context_parallel layout for causal attention, the positions cut into 2 P chunks and
+rank r holding chunks r and 2 P - 1 - r (not one contiguous slice)."""
 CUSTOM_GATE = Gate("cauchy_squared", lambda r, tau: 1 + torch.atan(tau * (r - 1)) / tau,
                    lambda r, tau: 1 / (1 + (tau * (r - 1)) ** 2))  # a user's Gate object (arctan's maths)
 BASE = dict(tau_pos=2.0, tau_neg=3.0, epsilon_low=0.2, epsilon_high=0.28, temperature=0.8, max_completion_length=13)
@@ -132,7 +135,10 @@ class Shards:
         start = sum(sizes[:self.vocab_rank])
         self.vocab_rows = slice(start, start + sizes[self.vocab_rank])
 
-    def positions(self, slicing: list[int]) -> slice:
+    def positions(self, slicing: list[int] | str) -> slice | torch.Tensor:
+        if slicing == "load-balanced":
+            chunks = torch.arange(LENGTH).tensor_split(2 * self.sequence_ranks)
+            return torch.cat([chunks[self.sequence_rank], chunks[2 * self.sequence_ranks - 1 - self.sequence_rank]])
         start = sum(slicing[:self.sequence_rank])
         return slice(start, start + slicing[self.sequence_rank])
 
