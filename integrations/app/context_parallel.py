@@ -5,11 +5,12 @@ counts what crosses the ranks.
     torchrun --nproc-per-node 3 -m fused_gates.integrations.app.context_parallel --level sequence --loss-type dapo
     torchrun --nproc-per-node 4 -m fused_gates.integrations.app.context_parallel --vocab-ranks 2   # 2 x 2 mesh
 
-Each rank holds the same contiguous slice of every completion's positions (what Ulysses or ring attention leave after
-the backbone: here an uneven split, the first ``T mod P`` ranks one position more), its slice of the hidden states,
-ids, mask and old log-probs, and the whole per-row advantages. ``gated_policy_loss(..., sequence_group=group)`` gives
-every rank the global loss and metrics, its own positions' hidden gradient and its share of the weight gradient
-(summed over the group, as data parallelism already sums gradients). With ``--vocab-ranks R`` the world is a
+Each rank holds the same positions of every completion (what Ulysses or ring attention leave after the backbone:
+here a contiguous, uneven split, the first ``T mod P`` ranks one position more; ring attention's load-balanced chunks
+work the same), those positions of the hidden states, ids, mask and old log-probs, and the whole per-row
+advantages. ``gated_policy_loss(..., sequence_group=group)`` gives every rank the global loss and metrics, its own
+positions' hidden gradient and its share of the weight gradient (summed over the group, as data parallelism already
+sums gradients). With ``--vocab-ranks R`` the world is a
 (P / R) x R mesh: the head is also sliced by vocabulary (``process_group=``) over the R ranks that hold the same
 positions.
 
