@@ -17,6 +17,7 @@ from .gates import (
 )
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from .options import NONFINITE_POLICIES, HeadOptions, LossOptions
+from .sequence_parallel import high_entropy_mask
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_admissible",
     "gated_policy_loss",
     "get_gate",
+    "high_entropy_mask",
     "register_gate",
     "token_logprobs",
     "unregister_gate",

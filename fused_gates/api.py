@@ -19,6 +19,7 @@ from .gates import Gate
 from .metrics import loss_metrics, nonfinite_tokens
 from .options import HeadOptions, LossOptions
 from .self_check import use_public_functions
+from .sequence_parallel import checked_on_every_rank, global_loss_and_metrics, head_fingerprint, loss_fingerprint
 from .tokens import plan_logprob_tokens, plan_loss_tokens
 
 __all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
@@ -84,6 +85,8 @@ def gated_policy_loss(
     process_group: object | None = H.process_group,
     backend: str = H.backend,
     memory_budget_mb: float | None = H.memory_budget_mb,
+    sequence_group: object | None = H.sequence_group,
+    sequence_ids: Tensor | None = L.sequence_ids,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -155,6 +158,22 @@ def gated_policy_loss(
             used) and gets a DTensor gradient. See :mod:`fused_gates.vocab_parallel` for the communication.
         memory_budget_mb: bound on the backend's working buffers (default 512 MiB on CPU; on CUDA 10% of the free
             memory within [256, 1792] MiB: :mod:`fused_gates.chunk_driver`); sets the token chunk size.
+        sequence_group: rows sharded by sequence (context parallelism): each rank of this process group passes the
+            same positions of every row -- a contiguous slice ``[t0, t1)`` as Ulysses leaves them (slices may be
+            uneven or empty), or any other split, e.g. ring attention's load-balanced chunks -- of ``hidden``,
+            ``completion_ids`` (shifted before the split), the mask and every per-token input, and the per-row
+            inputs (``advantages`` [B], ``group_ids``) whole. Every rank returns the global loss, metrics and EUR
+            (those of the unsharded call), its slice's per-token outputs, its own tokens' ``hidden`` gradient and its
+            tokens' share of the ``weight`` / ``bias`` gradient (the sum over the ranks is the whole gradient).
+            Only per-row sums are communicated: :mod:`fused_gates.sequence_parallel`. With ``process_group`` too,
+            a 2-D mesh (each sequence rank's head sliced by vocabulary). TRL's entropy mask over sharded rows:
+            :func:`fused_gates.high_entropy_mask`.
+        sequence_ids: [B, T] integer: packed rows (padding-free batches), each position's sequence in [0, S) (padding:
+            any other value, e.g. -1, with the mask 0). The loss's rows are then the S sequences (``grpo``'s mean,
+            ``dr_grpo``'s ``S * max_completion_length``, sequence-level ratios, vespo, the off-policy mask, EUR's
+            groups), ``advantages`` is [S] (one per sequence, indexed by the id) and ``group_ids`` / ``group_size``
+            group sequences. Along the batch the valid tokens' ids never decrease (each sequence one run, in order).
+            Works with ``sequence_group`` (each rank's slice of the packed rows). See :mod:`fused_gates.packed_rows`.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -164,10 +183,17 @@ def gated_policy_loss(
     The loss supports repeated backward through a retained graph; double backward (``create_graph=True``) raises.
     """
     arguments = locals()
-    batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(arguments))
-    args = check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, LossOptions.collect(arguments))
+    head_options, loss_options = HeadOptions.collect(arguments), LossOptions.collect(arguments)
+
+    def check():
+        batch = check_batch(hidden, weight, completion_ids, completion_mask, head_options)
+        return batch, check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, loss_options)
+
+    given = {"completion_mask": completion_mask, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+    (batch, args), sequence = checked_on_every_rank(
+        sequence_group, check, lambda c: loss_fingerprint(c[0], head_options, loss_options, advantages, given))
     implementation = resolve_backend(batch.backend, batch.head, args.config)
-    planned = plan_loss_tokens(batch, args)
+    planned = plan_loss_tokens(batch, args, sequence)
 
     head = batch.head
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
@@ -176,12 +202,18 @@ def gated_policy_loss(
     )
 
     plan, tokens = planned.plan, planned.tokens
-    metrics = loss_metrics(tokens, args.config, entropy, ratio, gate_value, gate_grad, kl, args.options.group_size,
-                           args.options.group_ids, args.row_advantages)
-    metrics["policy_loss"] = loss.detach() - (tokens.entropy_weight * entropy).sum()
     logprobs, entropies = plan.scatter(logp), plan.scatter(entropy)
     computed = plan.scatter(torch.ones_like(logp)) != 0
-    metrics["nonfinite_tokens"] = nonfinite_tokens(planned.flagged, computed, logprobs, entropies)
+    nonfinite = nonfinite_tokens(planned.flagged, computed, logprobs, entropies)
+    if sequence is None:
+        metrics = loss_metrics(tokens, args.config, entropy, ratio, gate_value, gate_grad, kl,
+                               args.options.group_size, args.options.group_ids, args.row_advantages)
+        metrics["policy_loss"] = loss.detach() - (tokens.entropy_weight * entropy).sum()
+        metrics["nonfinite_tokens"] = nonfinite
+    else:
+        outputs = dict(entropy=entropy, ratio=ratio, gate_value=gate_value, gate_grad=gate_grad, kl=kl)
+        loss, metrics = global_loss_and_metrics(sequence, loss, tokens, args.config, args.options.group_size,
+                                                args.options.group_ids, args.row_advantages, outputs, nonfinite)
     return GatedPolicyLossOutput(
         loss=loss,
         logprobs=logprobs,
@@ -215,17 +247,23 @@ def token_logprobs(
     backend: str = H.backend,
     statistics_method: str = H.statistics_method,
     memory_budget_mb: float | None = H.memory_budget_mb,
+    sequence_group: object | None = H.sequence_group,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies [B, T] (float32, 0 where masked) of ``completion_ids`` under the lm_head,
     without gradient and without materialising the logits: the old- and reference-policy passes of RL training.
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
     ``"raise"`` or ``"propagate"``, which gives NaN at such tokens). ``statistics_method`` (Triton backend only):
     ``"dot"`` (``tl.dot`` tiles, the logits never written), ``"cublas"`` (cuBLAS chunk products read back by a row
-    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.triton_backend.choose_statistics_method``)."""
-    batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(locals()),
-                        nonfinite_policies=("raise", "propagate"))
+    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.triton_backend.choose_statistics_method``).
+    ``sequence_group``: each rank passes its slice of the positions (as :func:`gated_policy_loss` takes them) and gets
+    its slice's values; the ranks only agree on the arguments (every rank raises the same error otherwise)."""
+    options = HeadOptions.collect(locals())
+    batch, sequence = checked_on_every_rank(
+        sequence_group, lambda: check_batch(hidden, weight, completion_ids, completion_mask, options,
+                                            nonfinite_policies=("raise", "propagate")),
+        lambda b: head_fingerprint(b, options))
     implementation = resolve_backend(batch.backend, batch.head, None)
-    planned = plan_logprob_tokens(batch)
+    planned = plan_logprob_tokens(batch, sequence)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, batch.head)
     return planned.plan.scatter(logp), planned.plan.scatter(entropy)
 

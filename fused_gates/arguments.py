@@ -19,6 +19,7 @@ from .chunk_driver import default_memory_budget_mb
 from .head import STATISTICS_METHODS, Head
 from .objective import ObjectiveConfig
 from .options import NONFINITE_POLICIES, HeadOptions, LossOptions
+from .packed_rows import PackedRows
 from .validation import check_choice, check_number, fail
 from .vocab_parallel import describe_shard, unwrap_dtensor_weight
 
@@ -161,6 +162,7 @@ class LossArguments:
     ref_logprobs: Tensor | None  # [B, T], None when beta == 0
     config: ObjectiveConfig
     options: LossOptions  # tensor options checked (group_ids as int64)
+    packed: PackedRows | None = None  # sequence_ids: the loss's rows are the packed sequences
 
 
 def _check_optional_map(name: str, value: object, shape: tuple[int, int], device: torch.device) -> Tensor | None:
@@ -183,15 +185,18 @@ def check_loss_arguments(
     rows, length = batch.shape
     device = batch.device
     config = options.check_scalars()
+    packed = _check_sequence_ids(options.sequence_ids, advantages, batch)
+    sequences = rows if packed is None else packed.count  # the per-row inputs' length
     if config.beta != 0 and ref_logprobs is None:
         raise fail("ref_logprobs", "is required when beta != 0")
-    if options.group_size is not None and rows % options.group_size:
-        raise fail("group_size", f"{options.group_size} does not divide the batch size B={rows}")
+    if options.group_size is not None and sequences % options.group_size:
+        what = "batch size B" if packed is None else "number of sequences S"
+        raise fail("group_size", f"{options.group_size} does not divide the {what}={sequences}")
     group_ids = options.group_ids
     if group_ids is not None:
         check_tensor("group_ids", group_ids)
-        if tuple(group_ids.shape) != (rows,) or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-            raise fail("group_ids", f"expected an integer tensor of shape [{rows}], got {group_ids.dtype} "
+        if tuple(group_ids.shape) != (sequences,) or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+            raise fail("group_ids", f"expected an integer tensor of shape [{sequences}], got {group_ids.dtype} "
                        f"{list(group_ids.shape)}", TypeError)
         if group_ids.device != device:
             raise fail("group_ids", f"expected device {device} (that of hidden), got {group_ids.device}")
@@ -209,7 +214,9 @@ def check_loss_arguments(
 
     check_tensor("advantages", advantages)
     row_advantages = advantages.dim() == 1
-    if row_advantages:
+    if row_advantages and packed is not None:
+        advantages = check_float_tensor("advantages", advantages, (sequences,), device)[packed.index]
+    elif row_advantages:
         check_float_tensor("advantages", advantages, (rows,), device)
         advantages = advantages.unsqueeze(1).expand(rows, length)
     else:
@@ -224,4 +231,23 @@ def check_loss_arguments(
         ref_logprobs=ref_logprobs if config.beta != 0 else None,
         config=config,
         options=replace(options, group_ids=group_ids),
+        packed=packed,
     )
+
+
+def _check_sequence_ids(sequence_ids: object, advantages: object, batch: Batch) -> PackedRows | None:
+    """Packed rows: ``sequence_ids`` [B, T] integers, with one advantage per sequence ([S], which sets S)."""
+    if sequence_ids is None:
+        return None
+    check_tensor("sequence_ids", sequence_ids)
+    if tuple(sequence_ids.shape) != batch.shape or sequence_ids.dtype.is_floating_point or sequence_ids.is_complex() \
+            or sequence_ids.dtype == torch.bool:
+        raise fail("sequence_ids", f"expected an integer tensor of shape {list(batch.shape)} (B, T of hidden), got "
+                   f"{sequence_ids.dtype} {list(sequence_ids.shape)}", TypeError)
+    if sequence_ids.device != batch.device:
+        raise fail("sequence_ids", f"expected device {batch.device} (that of hidden), got {sequence_ids.device}")
+    check_tensor("advantages", advantages)
+    if advantages.dim() != 1:
+        raise fail("advantages", f"with sequence_ids, expected one advantage per sequence [S], got shape "
+                   f"{list(advantages.shape)} (per-token advantages of packed rows are not supported)")
+    return PackedRows.of(sequence_ids, advantages.shape[0])

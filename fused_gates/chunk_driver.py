@@ -105,6 +105,8 @@ def row_aligned_chunks(row_counts: list[int], rows: int) -> list[slice] | None:
 def plan_loss_chunks(tokens: TokenData, rows: int, config: ObjectiveConfig) -> list[slice] | None:
     if not config.needs_whole_rows:
         return token_chunks(tokens.count, rows)
+    if tokens.row_reduce is not None:
+        return None  # the rows continue on other ranks: every rank's statistics first, the gradients in the backward
     return row_aligned_chunks(tokens.row_counts(), rows)
 
 

@@ -85,6 +85,21 @@ def _eur_by_group_ids(gate_grad: Tensor, tokens: TokenData, group_ids: Tensor) -
     m = tokens.mask
     row_weighted = m.new_zeros(tokens.num_rows).index_add_(0, tokens.row, gate_grad * m)
     row_counts = m.new_zeros(tokens.num_rows).index_add_(0, tokens.row, m)
+    return eur_from_row_sums(row_weighted, row_counts, None, group_ids)
+
+
+def eur_from_row_sums(row_weighted: Tensor, row_counts: Tensor, group_size: int | None,
+                      group_ids: Tensor | None) -> Tensor:
+    """EUR from each row's ``sum m f'(r)`` and ``sum m`` ([B] each; for rows sharded by sequence, their sums over the
+    ranks), with the groups of :func:`effective_update_ratio`."""
+    m = row_counts
+    if group_ids is None:
+        if group_size is None:
+            weighted, counts = row_weighted.sum().reshape(1), row_counts.sum().reshape(1)
+        else:
+            weighted, counts = row_weighted.view(-1, group_size).sum(1), row_counts.view(-1, group_size).sum(1)
+        total, groups = group_mean_parts(weighted, counts)
+        return total / groups.clamp(min=1)
     same_group = (group_ids[:, None] == group_ids[None, :]).to(m.dtype)
     group_weighted, group_counts = same_group @ row_weighted, same_group @ row_counts
     share = 1.0 / same_group.sum(1)  # each group's rows share one vote

@@ -33,6 +33,7 @@ carries the token-level formulas in its epilogue (``fused_gates.kernels.row_kern
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -86,6 +87,7 @@ class TokenData:
     sampling_logprobs: Tensor | None = None  # the off-policy mask's sampling log-probs; None: logp itself
     vespo_log_offset: Tensor | None = None  # the row's sum_t clamp(log q^vllm_t), on each of its tokens
     row_token_counts: list[int] | None = None  # tokens of each row, on the host (read with the value checks)
+    row_reduce: Callable[[Tensor], Tensor] | None = None  # per-row partial sums -> whole rows' (sequence-sharded)
 
     @property
     def count(self) -> int:
@@ -146,35 +148,54 @@ class TokenTerms:
         )
 
 
+@dataclass(frozen=True)
+class RowTotals:
+    """The sums over whole rows when this call's ``[B, T]`` rows are not the loss's rows (they continue on the other
+    ranks of a sequence group, or hold several packed sequences): what :func:`aggregation_weights` and
+    :func:`entropy_weights` divide by."""
+
+    rows: int  # the loss's rows (sequences)
+    row_tokens: Tensor  # [B, 1] or [B, T]: sum of the mask over the whole row of each position
+    total: Tensor  # 0-dim: sum of the mask over every row
+
+
 def aggregation_weights(
-    mask: Tensor, loss_type: str, max_completion_length: int | None, num_items_in_batch: Tensor | float | None
+    mask: Tensor, loss_type: str, max_completion_length: int | None, num_items_in_batch: Tensor | float | None,
+    totals: RowTotals | None = None,
 ) -> Tensor:
     """``w[b, t] = d loss / d l[b, t]`` for each loss type (TRL 1.16 ``_compute_loss``, before accumulation);
-    ``mask`` is floating point (float32, or float64 for float64 inputs)."""
-    batch = mask.shape[0]
+    ``mask`` is floating point (float32, or float64 for float64 inputs); ``totals``: the whole rows' sums when the
+    rows continue elsewhere."""
+    batch = mask.shape[0] if totals is None else totals.rows
     if loss_type == "grpo":
-        return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * batch)
+        row_tokens = mask.sum(-1, keepdim=True) if totals is None else totals.row_tokens
+        return mask / (row_tokens.clamp(min=1.0) * batch)
     if loss_type == "bnpo":
-        return mask / mask.sum().clamp(min=1.0)
+        return mask / (mask.sum() if totals is None else totals.total).clamp(min=1.0)
     if loss_type == "dr_grpo":
         assert max_completion_length is not None
         return mask / (batch * max_completion_length)
     if loss_type == "dapo":
-        items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
+        total = mask.sum() if totals is None else totals.total
+        items = total if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=mask.device)
         return mask / items.to(mask.dtype).clamp(min=1.0)
     if loss_type == "luspo":
         return mask / batch
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def entropy_weights(mask: Tensor, entropy_coef: float) -> Tensor:
+def entropy_weights(mask: Tensor, entropy_coef: float, total: Tensor | None = None) -> Tensor:
     """``e[b, t]`` of the bonus ``-entropy_coef * sum m H / max(sum m, 1)`` (TRL's mean over the batch; ``mask``
-    already includes an entropy mask where one is given)."""
-    return mask * (-entropy_coef / mask.sum().clamp(min=1.0))
+    already includes an entropy mask where one is given; ``total``: ``sum m`` over every rank when the rows continue
+    elsewhere)."""
+    return mask * (-entropy_coef / (mask.sum() if total is None else total).clamp(min=1.0))
 
 
 def _row_sum(values: Tensor, tokens: TokenData) -> Tensor:
-    return values.new_zeros(tokens.num_rows).index_add_(0, tokens.row, values)[tokens.row]
+    sums = values.new_zeros(tokens.num_rows).index_add_(0, tokens.row, values)
+    if tokens.row_reduce is not None:  # the rows continue on other ranks
+        sums = tokens.row_reduce(sums)
+    return sums[tokens.row]
 
 
 def off_policy_keep(logprobs: Tensor, tokens: TokenData, threshold: float) -> Tensor:

@@ -44,6 +44,7 @@ class HeadOptions(_Collect):
     backend: str = "auto"
     memory_budget_mb: float | None = None
     statistics_method: str = "auto"
+    sequence_group: object | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class LossOptions(_Collect):
     sampling_logprobs: Tensor | None = None
     group_size: int | None = None
     group_ids: Tensor | None = None
+    sequence_ids: Tensor | None = None
 
     def check_scalars(self) -> ObjectiveConfig:
         """Every check that needs no tensor (each error names the option), and the objective they configure."""

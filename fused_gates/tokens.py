@@ -11,6 +11,7 @@ only one a call makes (a vocabulary-parallel head adds its shape agreement, a co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from .arguments import Batch, LossArguments
 from .objective import VESPO_LOG_RATIO_CLAMP, VESPO_LOWER_LOG_WEIGHT, TokenData, aggregation_weights, entropy_weights
+from .packed_rows import PackedRows, whole_row_totals
+from .sequence_parallel import SequenceShard
 from .validation import fail
 
 HIDDEN_NONFINITE = (
@@ -36,15 +39,20 @@ class ValueCheck:
     failed: Tensor
 
 
-def run_value_checks(checks: list[ValueCheck], counts: Tensor | None = None) -> list[int]:
+def run_value_checks(checks: list[ValueCheck], counts: Tensor | None = None,
+                     agree: Callable[[Tensor], Tensor] | None = None) -> list[int]:
     """The checks that need tensor values, and the integer ``counts`` the plan needs on the host (e.g. how many tokens
-    a pass computes), in one host synchronisation: the only one a call makes."""
+    a pass computes), in one host synchronisation: the only one a call makes. ``agree`` (sequence-sharded rows) sums
+    the failures over the ranks first, so that every rank raises the same error."""
     parts = [c.failed.reshape(1).to(torch.float64) for c in checks]
     if counts is not None:
         parts.append(counts.reshape(-1).to(torch.float64))  # exact below 2^53
     if not parts:
         return []
-    values = torch.cat(parts).tolist()
+    values = torch.cat(parts)
+    if agree is not None and checks:
+        values = torch.cat([agree(values[:len(checks)].clone()), values[len(checks):]])
+    values = values.tolist()
     for check, value in zip(checks, values, strict=False):
         if value:
             raise fail(check.argument, check.message.replace("{count}", f"{value:.0f}"))
@@ -111,7 +119,7 @@ class LogprobTokens:
     ids: Tensor  # [N]
 
 
-def plan_logprob_tokens(head: Batch) -> LogprobTokens:
+def plan_logprob_tokens(head: Batch, sequence: SequenceShard | None = None) -> LogprobTokens:
     """The tokens of :func:`fused_gates.token_logprobs` (``on_nonfinite``: raise or propagate)."""
     flat_mask = None if head.mask is None else head.mask.reshape(-1)
     keep = None if flat_mask is None else flat_mask != 0
@@ -119,8 +127,9 @@ def plan_logprob_tokens(head: Batch) -> LogprobTokens:
     if head.on_nonfinite == "raise":
         bad = ~_finite_rows(head.hidden)
         checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, (bad if keep is None else bad & keep).sum()))
-    (count,) = run_value_checks(checks, None if keep is None else keep.sum())
-    plan = _plan(head.shape, keep, count)
+    counts = run_value_checks(checks, None if keep is None else keep.sum(),
+                              None if sequence is None else sequence.agree)
+    plan = _plan(head.shape, keep, counts[0] if counts else 0)  # without a mask every token is computed
     return LogprobTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids))
 
 
@@ -134,8 +143,9 @@ class LossTokens:
     flagged: Tensor  # [B, T] bool: tokens with mask set whose hidden state (or given log-prob) is non-finite
 
 
-def plan_loss_tokens(head: Batch, args: LossArguments) -> LossTokens:
-    """Select the computed tokens, check every value, and build their :class:`TokenData`."""
+def plan_loss_tokens(head: Batch, args: LossArguments, sequence: SequenceShard | None = None) -> LossTokens:
+    """Select the computed tokens, check every value, and build their :class:`TokenData` (``sequence``: the rows
+    continue on the other ranks of a sequence group, whose sums the aggregation takes)."""
     batch, length = head.shape
     device = head.device
     acc = head.accumulate_dtype
@@ -164,30 +174,41 @@ def plan_loss_tokens(head: Batch, args: LossArguments) -> LossTokens:
             bad = ~torch.isfinite(value)
             checks.append(ValueCheck(name, "must be finite where the mask is set",
                                      (bad if keep is None else bad & keep).any()))
-    row_counts = run_value_checks(checks, _token_counts(keep, head.shape, device))
+    packed = args.packed
+    if packed is not None:
+        checks += _sequence_id_checks(packed, selected)
+    counts = _token_counts(keep, head.shape, device) if packed is None else packed.sums(
+        (selected if keep is None else keep).to(acc).unsqueeze(0))[0]
+    row_counts = run_value_checks(checks, counts, None if sequence is None else sequence.agree)
     plan = _plan(head.shape, keep, sum(row_counts))
 
     options = args.options
-    loss_weight = aggregation_weights(full_mask, options.loss_type, options.max_completion_length,
-                                      options.num_items_in_batch)
-    row_tokens = full_mask.sum(-1, keepdim=True).clamp(min=1.0)
-    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
     entropy_mask = None if options.entropy_mask is None else options.entropy_mask.to(acc)
     bonus_mask = full_mask if entropy_mask is None else full_mask * entropy_mask
+    totals = bonus_total = vespo_offset = None
+    if sequence is not None or packed is not None:
+        totals, bonus_total, vespo_offset = whole_row_totals(
+            packed, full_mask, bonus_mask if entropy_mask is not None and args.config.has_entropy_bonus else None,
+            _vespo_log_ratio(args, acc), None if sequence is None else sequence.reduce)
+    loss_weight = aggregation_weights(full_mask, options.loss_type, options.max_completion_length,
+                                      options.num_items_in_batch, totals)
+    row_tokens = (full_mask.sum(-1, keepdim=True) if totals is None else totals.row_tokens).clamp(min=1.0)
+    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length) if packed is None else packed.index
     tokens = TokenData(
         advantages=plan.gather(args.advantages.to(acc)),
         mask=plan.gather(full_mask),
         loss_weight=plan.gather(loss_weight),
-        entropy_weight=plan.gather(entropy_weights(bonus_mask, options.entropy_coef)),
+        entropy_weight=plan.gather(entropy_weights(bonus_mask, options.entropy_coef, bonus_total)),
         old_logprobs=None if args.old_logprobs is None else plan.gather(args.old_logprobs.to(acc)),
         ref_logprobs=None if args.ref_logprobs is None else plan.gather(args.ref_logprobs.to(acc)),
         row=plan.gather(rows),
         row_share=plan.gather(full_mask / row_tokens),
-        num_rows=batch,
+        num_rows=batch if packed is None else packed.count,
         policy_weight=_policy_weight(args, entropy_mask, acc, plan),
         sampling_logprobs=_sampling_logprobs(args, acc, plan),
-        vespo_log_offset=_vespo_log_offset(args, acc, plan),
+        vespo_log_offset=_vespo_log_offset(args, acc, plan, vespo_offset),
         row_token_counts=row_counts,
+        row_reduce=None if sequence is None else sequence.reduce,
     )
     return LossTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids), tokens, tokens.mask, flagged)
 
@@ -212,13 +233,30 @@ def _sampling_logprobs(args: LossArguments, acc: torch.dtype, plan: TokenPlan) -
     return None if sampling is None else plan.gather(sampling.to(acc))
 
 
-def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan) -> Tensor | None:
-    """vespo's ``sum_t clamp(log q^vllm_t, log 1e-8, 20)`` of each row, over every position as TRL sums it."""
+def _vespo_log_ratio(args: LossArguments, acc: torch.dtype) -> Tensor | None:
+    """vespo's ``clamp(log q^vllm_t, log 1e-8, 20)`` at every position (None: no vespo or no sampler ratio)."""
     if not args.config.gate.is_vespo or args.options.sampling_ratio is None:
         return None
-    log_ratio = torch.log(args.options.sampling_ratio.to(acc)).clamp(VESPO_LOWER_LOG_WEIGHT, VESPO_LOG_RATIO_CLAMP)
-    row_sum = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
+    return torch.log(args.options.sampling_ratio.to(acc)).clamp(VESPO_LOWER_LOG_WEIGHT, VESPO_LOG_RATIO_CLAMP)
+
+
+def _vespo_log_offset(args: LossArguments, acc: torch.dtype, plan: TokenPlan,
+                      row_sums: Tensor | None = None) -> Tensor | None:
+    """vespo's ``sum_t clamp(log q^vllm_t, log 1e-8, 20)`` of each row, over every position as TRL sums it
+    (``row_sums`` [B, 1] or [B, T]: already summed over whole rows, across ranks or over packed sequences)."""
+    log_ratio = _vespo_log_ratio(args, acc)
+    if log_ratio is None:
+        return None
+    row_sum = (log_ratio.sum(-1, keepdim=True) if row_sums is None else row_sums).expand_as(log_ratio)
     return plan.gather(row_sum)
+
+
+def _sequence_id_checks(packed: PackedRows, selected: Tensor) -> list[ValueCheck]:
+    """Packed rows: every valid token in a sequence, the sequences in order (one run each)."""
+    return [ValueCheck("sequence_ids", f"must lie in [0, {packed.count}) (S, the advantages' length) where the mask "
+                       "is set", (selected & ~packed.member).any()),
+            ValueCheck("sequence_ids", "must not decrease along the valid tokens of the batch (each sequence one "
+                       "run of positions, in order)", packed.out_of_order(selected))]
 
 
 def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
