@@ -84,6 +84,13 @@ def gated_policy_loss(
     process_group: object | None = H.process_group,
     backend: str = H.backend,
     memory_budget_mb: float | None = H.memory_budget_mb,
+    dppo_delta: float | tuple[float, float] | None = L.dppo_delta,
+    m2po_threshold: float | None = L.m2po_threshold,
+    bapo_rho: float | None = L.bapo_rho,
+    bapo_bounds: tuple[float, float, float, float] | None = L.bapo_bounds,
+    bapo_steps: tuple[float, float] | None = L.bapo_steps,
+    aspo_dual_clip: float | None = L.aspo_dual_clip,
+    gmpo_epsilon: float | tuple[float, float] | None = L.gmpo_epsilon,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -114,7 +121,9 @@ def gated_policy_loss(
         ref_logprobs: [B, T] reference-model log-probs, required when ``beta != 0``.
         gate: a registered gate name (``clip``, ``sigmoid``, ``erf``, ``arctan``, ``softsign``, or one added with
             :func:`fused_gates.register_gate`), TRL's detached-weight objectives ``cispo`` (weight
-            ``min(r, epsilon_high)``) and ``vespo`` (TRL's gamma weight of the row's ratio), or a :class:`Gate`.
+            ``min(r, epsilon_high)``) and ``vespo`` (TRL's gamma weight of the row's ratio), the trust-region
+            objectives that read more than the ratio ``dppo``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``
+            (:mod:`fused_gates.gate_inputs`), or a :class:`Gate`.
         epsilon_high: defaults to ``epsilon_low``.
         delta: ``gate="clip"`` only: TRL's two-sided clipping, the unclipped term's ratio capped at ``delta``.
         vespo_k, vespo_lambda: ``gate="vespo"`` only: ``(positive, negative)`` shape of the gamma weight (TRL's
@@ -155,6 +164,17 @@ def gated_policy_loss(
             used) and gets a DTensor gradient. See :mod:`fused_gates.vocab_parallel` for the communication.
         memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU; on CUDA 10% of the free
             memory within [256, 1792] MiB: :mod:`fused_gates.chunk_driver`); sets the token chunk size.
+        dppo_delta, m2po_threshold, bapo_rho, bapo_bounds, bapo_steps, aspo_dual_clip, gmpo_epsilon: the
+            hyperparameters of the gates that read more than the ratio (``gate=`` ``"dppo"`` (DPPO-Binary-TV),
+            ``"m2po"``, ``"bapo"``, ``"aspo"``, ``"gmpo"``; each refused with any other gate; None: the paper's
+            default): DPPO's probability-difference bound delta (0.15; a number or a ``(low, high)`` pair in (0, 1]),
+            M2PO's second-moment bound tau_M2 (0.04), BAPO's target share rho_0 of positive tokens (0.5, in (0, 1)),
+            its ranges ``(a-, b-, a+, b+)`` of c_low and c_high ((0.6, 0.9, 1.2, 3.0)) and steps ``(delta_1,
+            delta_2)`` ((0.1, 0.05)), ASPO's soft dual clip c (3, > 1; its clip uses ``epsilon_low`` /
+            ``epsilon_high``), GMPO's log-space clip range eps (0.4, or ``(low, high)``). Formulas, citations and
+            the choices taken where a paper leaves one open: :mod:`fused_gates.gate_inputs`. They take
+            ``importance_sampling_level="token"`` only; m2po and bapo read a statistic of the whole batch (one
+            more product when the batch needs several chunks), gmpo the whole row.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,

@@ -99,6 +99,8 @@ def row_aligned_chunks(row_counts: list[int], rows: int) -> list[slice] | None:
 
 
 def plan_loss_chunks(tokens: TokenData, rows: int, config: ObjectiveConfig) -> list[slice] | None:
+    if config.needs_whole_batch:  # a batch statistic: the batch in one chunk, or the statistics pass first
+        return [slice(0, tokens.count)] if tokens.count <= rows else None
     if not config.needs_whole_rows:
         return token_chunks(tokens.count, rows)
     return row_aligned_chunks(tokens.row_counts(), rows)
@@ -245,7 +247,8 @@ def loss_forward(
     logprobs, entropy, log_sum_exp = (hidden.new_empty(num_tokens, dtype=acc) for _ in range(3))
     grads = GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
     fused = getattr(backend, "fused_token_chunk", None)
-    use_fused = fused is not None and not config.needs_whole_rows and head.shard is None
+    use_fused = (fused is not None and not config.needs_whole_rows and head.shard is None
+                 and config.gate.kernel_id is not None)
     keep = "logits" if config.has_entropy_bonus else "exp"
     parts = []
     for chunk in chunks:

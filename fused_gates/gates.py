@@ -55,9 +55,12 @@ PAPER_GATES = ("clip", *SOFT_GATES)
 POLICY_OBJECTIVES = ("cispo", "vespo")
 """TRL's detached-weight objectives, selectable as ``gate=`` but not gates f(r) of the paper's form."""
 
-GATE_KINDS = ("clip", "soft", "cispo", "vespo")
-"""What a gate is: GRPO's clip (epsilons), a soft gate of (r, tau) (built-in or registered), or one of TRL's
-detached-weight objectives."""
+GATE_KINDS = ("clip", "soft", "cispo", "vespo", "inputs")
+"""What a gate is: GRPO's clip (epsilons), a soft gate of (r, tau) (built-in or registered), one of TRL's
+detached-weight objectives, or a gate that reads more than the ratio (``fused_gates.gate_inputs``)."""
+INPUT_GATES = ("dppo", "m2po", "bapo", "aspo", "gmpo")
+"""The trust-region objectives that read more than r (probabilities, the advantage, a batch statistic, the row):
+their formulas, parameters and citations are in ``fused_gates.gate_inputs``."""
 
 DEFAULT_CHECK_TAUS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
@@ -94,6 +97,8 @@ class Gate:
     triton_derivative: object | None = field(default=None, compare=False)
     kind: str = "soft"  # one of GATE_KINDS
     kernel_id: int | None = CUSTOM_KERNEL_ID  # the kernels' branch; None: no kernel form (vespo)
+    batch_statistic: bool = False  # reads a statistic of the whole batch (the chunks must see every token first)
+    whole_rows: bool = False  # a token's term depends on the other tokens of its row
 
     @property
     def is_clip(self) -> bool:
@@ -106,6 +111,11 @@ class Gate:
     @property
     def is_vespo(self) -> bool:
         return self.kind == "vespo"
+
+    @property
+    def reads_inputs(self) -> bool:
+        """Whether the gate reads more than (r, tau): evaluated by ``fused_gates.gate_inputs``."""
+        return self.kind == "inputs"
 
     @property
     def has_temperature(self) -> bool:
@@ -201,6 +211,11 @@ _POLICY_OBJECTIVES: dict[str, Gate] = {
     "cispo": Gate("cispo", _unavailable, _unavailable, kind="cispo", kernel_id=BUILTIN_KERNEL_IDS["cispo"]),
     "vespo": Gate("vespo", _unavailable, _unavailable, kind="vespo", kernel_id=None),
 }
+_INPUT_GATES: dict[str, Gate] = {
+    name: Gate(name, _unavailable, _unavailable, kind="inputs", kernel_id=None,
+               batch_statistic=name in ("m2po", "bapo"), whole_rows=name == "gmpo")
+    for name in INPUT_GATES
+}
 _REGISTRY: dict[str, Gate] = dict(_BUILTIN_GATES)
 
 
@@ -225,7 +240,7 @@ def register_gate(
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
-    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES:
+    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
@@ -256,9 +271,9 @@ def get_gate(gate: str | Gate) -> Gate:
         return gate
     if not isinstance(gate, str):
         raise TypeError(f"gate: expected a gate name or a Gate, got {type(gate).__name__}")
-    found = _REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate)
+    found = _REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate) or _INPUT_GATES.get(gate)
     if found is None:
-        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES])
+        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES, *_INPUT_GATES])
         raise ValueError(f"gate: unknown gate {gate!r}; registered gates: {names}")
     return found
 
