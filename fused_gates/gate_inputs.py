@@ -309,3 +309,16 @@ def _gmpo(logprobs: Tensor, old: Tensor, advantages: Tensor, tokens: Tokens, inp
     chain = row_ratio * tokens.row_share * through
     return InputGateTerms(row_ratio, row_ratio, _unclipped_at_zero(through, advantages), -advantages * row_ratio,
                           -advantages, zeros, chain)
+
+
+def input_gate_metrics(gate: Gate, ratio: Tensor, gate_value: Tensor, advantages: Tensor, mask: Tensor,
+                       inputs: InputGateParameters) -> dict[str, Tensor]:
+    """What a gate decided for the batch: ``dppo/masked_fraction`` and ``m2po/masked_fraction`` (the mask-weighted
+    share of tokens whose policy term the gate masked), ``bapo/c_low`` and ``bapo/c_high`` (the bounds chosen)."""
+    if gate.name in ("dppo", "m2po"):
+        masked = (gate_value == 0).to(mask.dtype)
+        return {f"{gate.name}/masked_fraction": (masked * mask).sum() / mask.sum().clamp(min=1.0)}
+    if gate.name == "bapo":
+        c_low, c_high = bapo_bounds(ratio, advantages, mask, inputs)
+        return {"bapo/c_low": c_low, "bapo/c_high": c_high}
+    return {}

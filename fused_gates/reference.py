@@ -113,6 +113,7 @@ def _trust_region_terms(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask:
                 c_high += step_high
             else:
                 c_low += step_low
+        opts["bapo_chosen"] = (c_low, c_high)
         per_token = -torch.min(ratio * a, torch.clamp(ratio, c_low, c_high) * a)
         value = torch.where(a > 0, torch.clamp(r, max=c_high), torch.clamp(r, min=c_low))
         return per_token, value, ratio
@@ -241,6 +242,7 @@ def reference_loss(
         per_token, gate_value, coef_1 = _trust_region_terms(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
         gate_grad = _trust_region_gate_grad(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
         r_b = coef_1.expand(batch, length)
+        bapo_chosen = opts.get("bapo_chosen")
     elif gate == "clip":
         coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
         capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)
@@ -360,6 +362,10 @@ def reference_loss(
         })
     elif gate == "cispo":
         metrics["cispo_clip_ratio"] = trl_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype))
+    elif gate in ("dppo", "m2po"):
+        metrics[f"{gate}/masked_fraction"] = masked_mean((gate_value.detach() == 0).to(dtype))
+    elif gate == "bapo":
+        metrics["bapo/c_low"], metrics["bapo/c_high"] = (torch.tensor(c, dtype=dtype) for c in bapo_chosen)
     elif gate == "vespo":  # over the rows that have a valid token (TRL's would also average phi of empty rows)
         rows = mask.sum(-1) > 0
         metrics["vespo/phi_seq_mean"] = (phi[rows].mean() if phi.shape[1] == 1 else masked_mean(phi)) \
