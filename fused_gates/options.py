@@ -116,7 +116,7 @@ class LossOptions(_Collect):
         input_params = resolve_input_parameters(gate, {name: getattr(self, name) for name in GATE_OPTIONS})
         if gate.reads_inputs and self.importance_sampling_level != "token":
             raise fail("importance_sampling_level", f"gate={gate.name!r} defines its own ratio; only 'token' applies")
-        if gate.whole_rows and self.use_bias_correction_kl:
+        if gate.whole_rows and self.use_bias_correction_kl and self.beta != 0:
             raise fail("use_bias_correction_kl", f"gate={gate.name!r} has no token ratio to correct the KL with")
         items = self.num_items_in_batch
         if items is not None and self.loss_type == "dapo" and not isinstance(items, Tensor):
