@@ -54,6 +54,11 @@ mask's weights (fractional masks weight tokens), per token:
     0.2). ``gate_grad`` is the token's clip indicator ``dc_t / dl_t`` (0 / 1), ``ratio`` and ``gate_value`` the
     row's ``R_i``.
 
+A user's gate of (r, tau) and the token's other inputs (the entropy, ``logp``, ``old_logp``, ``A``), registered with
+:func:`fused_gates.register_input_gate`, is evaluated here too: ``P = -f A``, ``dP/dr = -f' A``, ``gate_grad = f'``,
+its other inputs held constant (no gradient through the entropy). It is checked against the paper's properties as
+a function of r at fixed other inputs when registered.
+
 Which inputs a gate reads: dppo ``logp, old_logp, A``; m2po ``logp, old_logp, A, m`` and the batch; bapo the same;
 aspo ``logp, old_logp, A``; gmpo ``logp, old_logp, A, m`` and the row. The importance-sampling level is each
 gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory budget:
@@ -71,7 +76,7 @@ import torch
 from torch import Tensor
 
 from .admissibility import MAX_LOG_RATIO
-from .gates import INPUT_GATES, Gate, GateParameters
+from .gates import INPUT_GATES, Gate, GateInputs, GateParameters
 from .validation import check_number, fail
 
 DPPO_RATIO_CAP = 20.0
@@ -194,16 +199,21 @@ def _unclipped_at_zero(gate_grad: Tensor, advantages: Tensor) -> Tensor:
     return gate_grad.masked_fill(advantages == 0, 1.0)
 
 
-def evaluate_input_gate(gate: Gate, logprobs: Tensor, tokens: Tokens, params: GateParameters,
-                        inputs: InputGateParameters) -> InputGateTerms:
+def evaluate_input_gate(gate: Gate, logprobs: Tensor, entropy: Tensor, tokens: Tokens, params: GateParameters,
+                        inputs: InputGateParameters | None) -> InputGateTerms:
     """The gate's terms on a set of tokens: the whole batch for a batch statistic, whole rows for gmpo (the chunk
-    driver guarantees it); ``logprobs`` carries no autograd history."""
-    assert gate.name in INPUT_GATES, gate.name
+    driver guarantees it); ``logprobs`` and ``entropy`` carry no autograd history."""
     advantages = tokens.advantages
     old = logprobs if tokens.old_logprobs is None else tokens.old_logprobs
     log_ratio = (logprobs - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     zeros = torch.zeros_like(logprobs)
+    if gate.name not in INPUT_GATES:  # registered with fused_gates.register_input_gate: -f A, f of all the inputs
+        tau = torch.full_like(ratio, params.tau_neg).masked_fill_(advantages > 0, params.tau_pos)
+        read = GateInputs(ratio, tau, advantages, logprobs, old, entropy)
+        value, derivative = gate.value(read), gate.derivative(read)
+        return InputGateTerms(ratio, value, derivative, -value * advantages, -derivative * advantages, zeros)
+    assert inputs is not None
     if gate.name == "dppo":
         return _dppo(logprobs, old, ratio, advantages, inputs, zeros)
     if gate.name == "m2po":

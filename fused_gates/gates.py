@@ -35,7 +35,7 @@ The Triton forms of the same formulas are in ``fused_gates.kernels.gates``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,7 +121,12 @@ class Gate:
     def has_temperature(self) -> bool:
         """Whether the gate takes tau (``tau_pos`` / ``tau_neg``): the soft gates, built-in or registered; not clip
         (set by its epsilons) nor the detached-weight objectives."""
-        return self.kind == "soft"
+        return self.kind == "soft" or self.is_registered_input_gate
+
+    @property
+    def is_registered_input_gate(self) -> bool:
+        """A user's gate of (r, tau) and the token's other inputs (:func:`register_input_gate`)."""
+        return self.kind == "inputs" and self.name not in _INPUT_GATES
 
     @property
     def runs_in_kernels(self) -> bool:
@@ -252,6 +257,72 @@ def register_gate(
         raise ValueError(f"check_taus must be a non-empty sequence of positive temperatures, got {check_taus!r}")
     check_admissible(name, value, derivative, check_taus)
     gate = Gate(name, value, derivative, triton_value, triton_derivative, kernel_id=CUSTOM_KERNEL_ID)
+    _REGISTRY[name] = gate
+    return gate
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """What a gate registered with :func:`register_input_gate` reads per token (1-D tensors, detached): the ratio,
+    the temperature chosen by the advantage's sign, the advantage, the current and the behaviour policy's log-probs
+    (``p = exp(logprobs)``), and the entropy of the token's distribution."""
+
+    ratio: Tensor
+    tau: Tensor
+    advantages: Tensor
+    logprobs: Tensor
+    old_logprobs: Tensor
+    entropy: Tensor
+
+
+InputGateFunction = Callable[[GateInputs], Tensor]
+DEFAULT_CHECK_ENTROPIES: tuple[float, ...] = (0.05, 1.0, 4.0, 11.0)
+DEFAULT_CHECK_LOGPROBS: tuple[float, ...] = (-0.01, -2.0, -12.0)
+
+
+def register_input_gate(
+    name: str,
+    value: InputGateFunction,
+    derivative: InputGateFunction,
+    *,
+    check_taus: Sequence[float] = DEFAULT_CHECK_TAUS,
+    check_entropies: Sequence[float] = DEFAULT_CHECK_ENTROPIES,
+    check_logprobs: Sequence[float] = DEFAULT_CHECK_LOGPROBS,
+    overwrite: bool = False,
+) -> Gate:
+    """Register a gate that reads more than the ratio: ``value(inputs) = f`` and ``derivative(inputs) = df/dr``
+    elementwise over a :class:`GateInputs`; the policy term is ``-f A`` as for the paper's gates, and the entropy,
+    advantage and log-probs enter as constants (no gradient flows through them). As a function of r with the other
+    inputs fixed, the pair must satisfy the paper's properties (i)-(iv): it is checked for every tau in
+    ``check_taus``, entropy in ``check_entropies``, current log-prob in ``check_logprobs`` (the old log-prob follows
+    from the ratio) and advantage sign. It runs on the torch backend and on the Triton backend's unfused path (the
+    statistics kernel, the gate in torch, the gradient kernel), at ``importance_sampling_level="token"``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
+        raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(value) or not callable(derivative):
+        raise TypeError("value and derivative must be callables (GateInputs) -> tensor")
+    for what, values in (("check_taus", check_taus), ("check_entropies", check_entropies)):
+        if not values or any(not (v > 0) for v in values):
+            raise ValueError(f"{what} must be a non-empty sequence of positive numbers, got {values!r}")
+    if not check_logprobs or any(not (v < 0) for v in check_logprobs):
+        raise ValueError(f"check_logprobs must be a non-empty sequence of negative numbers, got {check_logprobs!r}")
+    for entropy in check_entropies:
+        for logprob in check_logprobs:
+            for sign in (1.0, -1.0):
+                def at(fn: InputGateFunction, e: float = entropy, lp: float = logprob, a: float = sign):
+                    def of(ratio: Tensor, tau: Tensor) -> Tensor:
+                        logp = torch.full_like(ratio, lp)
+                        return fn(GateInputs(ratio, tau, torch.full_like(ratio, a), logp, logp - torch.log(ratio),
+                                             torch.full_like(ratio, e)))
+                    return of
+
+                label = f"{name} (entropy={entropy:g}, logp={logprob:g}, A={sign:+g})"
+                check_admissible(label, at(value), at(derivative), check_taus)
+    gate = Gate(name, value, derivative, kind="inputs", kernel_id=None)
     _REGISTRY[name] = gate
     return gate
 

@@ -221,7 +221,7 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
     gate = config.gate
     row_chain = None
     if gate.reads_inputs:  # fused_gates.gate_inputs: P, dP/dr, dP/dlogp and, for a row's ratio, its chain
-        read = evaluate_input_gate(gate, logprobs, tokens, config.params, config.input_params)
+        read = evaluate_input_gate(gate, logprobs, entropy, tokens, config.params, config.input_params)
         ratio, gate_value, gate_grad, row_chain = read.ratio, read.gate_value, read.gate_grad, read.row_chain
         policy, policy_by_ratio, policy_by_logprob = read.policy, read.by_ratio, read.by_logprob
     elif gate.is_cispo or gate.is_vespo:

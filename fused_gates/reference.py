@@ -19,13 +19,15 @@ The trust-region objectives that read more than the ratio (dppo, m2po, bapo, asp
 papers' formulas on ``[B, T]`` tensors, their detached weights and masks with ``detach``, M2PO's mask by removing
 the largest ``(log r)^2`` one token at a time and BAPO's bounds by the paper's loop; ``gate_grad`` is each token's
 gradient weight relative to the unclipped policy gradient ``r A grad logp`` (autograd of the per-token term; for
-gmpo of the token's clipped log-ratio), 1 where ``A = 0``, and EUR its mean as above.
+gmpo of the token's clipped log-ratio), 1 where ``A = 0``, and EUR its mean as above. A gate that reads the
+token's other inputs (``custom_input_value``) gets them as constants; autograd differentiates it in r only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -76,9 +78,13 @@ def _gamma_weights(advantages, log_ratio, mask, sampling_ratio, k_pos, lambda_po
 
 
 TRUST_REGION_GATES = ("dppo", "m2po", "bapo", "aspo", "gmpo")
+TRUST_REGION_DEFAULTS = {"dppo_delta": (0.15, 0.15), "m2po_threshold": 0.04, "bapo_rho": 0.5,
+                         "bapo_bounds": (0.6, 0.9, 1.2, 3.0), "bapo_steps": (0.1, 0.05), "aspo_dual_clip": 3.0,
+                         "gmpo_epsilon": (0.4, 0.4)}
+"""The papers' hyperparameters of the trust-region objectives (the defaults of :func:`reference_loss`)."""
 
 
-def _trust_region_terms(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, eps_low: float,
+def trust_region_terms(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, eps_low: float,
                         eps_high: float, opts: dict) -> tuple[Tensor, Tensor, Tensor]:
     """``(per-token policy term, gate value, ratio)`` of the trust-region objectives, differentiable in ``logp``,
     each written from its paper (and, where the paper leaves it open, verl's or the authors' code)."""
@@ -154,7 +160,7 @@ def _trust_region_gate_grad(gate: str, logp: Tensor, old: Tensor, adv: Tensor, m
             (slope,) = torch.autograd.grad(clipped.sum(), probe)
             weight = slope
         else:
-            per_token, _, _ = _trust_region_terms(gate, probe, old, adv, mask, eps_low, eps_high, opts)
+            per_token, _, _ = trust_region_terms(gate, probe, old, adv, mask, eps_low, eps_high, opts)
             (grad,) = torch.autograd.grad(per_token.sum(), probe)
             unclipped = -a * torch.exp(logp.detach() - old)
             weight = grad / torch.where(a != 0, unclipped, torch.ones_like(unclipped))
@@ -202,6 +208,7 @@ def reference_loss(
     bapo_steps: tuple[float, float] = (0.1, 0.05),
     aspo_dual_clip: float = 3.0,
     gmpo_epsilon: tuple[float, float] = (0.4, 0.4),
+    custom_input_value=None,
 ) -> ReferenceResult:
     """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves)."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -239,7 +246,7 @@ def reference_loss(
         opts = {"dppo_delta": dppo_delta, "m2po_threshold": m2po_threshold, "bapo_rho": bapo_rho,
                 "bapo_bounds": bapo_bounds, "bapo_steps": bapo_steps, "aspo_dual_clip": aspo_dual_clip,
                 "gmpo_epsilon": gmpo_epsilon}
-        per_token, gate_value, coef_1 = _trust_region_terms(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
+        per_token, gate_value, coef_1 = trust_region_terms(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
         gate_grad = _trust_region_gate_grad(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
         r_b = coef_1.expand(batch, length)
         bapo_chosen = opts.get("bapo_chosen")
@@ -272,6 +279,11 @@ def reference_loss(
         opts = {"tau_pos": tau_pos, "tau_neg": tau_neg}
 
         def value(r: Tensor) -> Tensor:
+            if custom_input_value is not None:  # f of (r, tau) and the token's other inputs, held constant
+                tau = torch.where(a_b > 0, torch.tensor(tau_pos, dtype=r.dtype), torch.tensor(tau_neg, dtype=r.dtype))
+                lp = logp.detach()
+                return custom_input_value(SimpleNamespace(ratio=r, tau=tau, advantages=a_b, logprobs=lp,
+                                                          old_logprobs=old.expand_as(lp), entropy=entropy.detach()))
             if custom_value is not None:
                 tau = torch.where(a_b > 0, torch.tensor(tau_pos, dtype=r.dtype), torch.tensor(tau_neg, dtype=r.dtype))
                 return custom_value(r, tau)

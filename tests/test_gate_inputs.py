@@ -211,3 +211,58 @@ def test_input_gate_names_cannot_be_registered():
 
     with pytest.raises(ValueError, match="'m2po' is a built-in gate"):
         register_gate("m2po", lambda r, t: r, lambda r, t: torch.ones_like(r))
+
+
+# -- gates registered with their inputs ----------------------------------------------------------------------------
+
+
+def entropy_scaled_sigmoid(inputs):
+    """SAPO's sigmoid whose temperature grows with the token's entropy: tau (1 + H)."""
+    tau = inputs.tau * (1 + inputs.entropy)
+    return torch.sigmoid(tau * (inputs.ratio - 1)) * 4 / tau
+
+
+def entropy_scaled_sigmoid_derivative(inputs):
+    x = inputs.tau * (1 + inputs.entropy) * (inputs.ratio - 1)
+    return 4 * torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+@pytest.fixture
+def entropy_gate():
+    from fused_gates import register_input_gate, unregister_gate
+
+    # the temperatures and entropies the test uses (the default grids take a minute on two cores)
+    gate = register_input_gate("entropy_sigmoid", entropy_scaled_sigmoid, entropy_scaled_sigmoid_derivative,
+                               check_taus=(2.0, 3.0), check_entropies=(0.1, 5.0), check_logprobs=(-1.0,))
+    yield gate
+    unregister_gate("entropy_sigmoid")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_registered_gate_reading_the_entropy_matches_reference(entropy_gate, loss_type, backend):
+    from helpers import assert_within, output_errors, run_reference
+
+    inputs = gate_inputs("aspo", _seed("entropy", loss_type))
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    options = dict(OPTIONS, loss_type=loss_type, tau_pos=2.0, tau_neg=3.0, memory_budget_mb=0.004)
+    ours = run_loss(inputs, backend=backend, dtype=dtype, gate="entropy_sigmoid", **options)
+    reference = run_reference(inputs, dtype=dtype, gate="entropy_sigmoid", custom_input_value=entropy_scaled_sigmoid,
+                              **options)
+    assert_within(output_errors(ours, reference), TOLERANCES[dtype])
+    # the entropy changes the gate: the same sigmoid without it differs
+    plain = run_loss(inputs, backend=backend, dtype=dtype, gate="sigmoid", **options).out
+    assert (ours.out.gate_grad - plain.gate_grad).abs().max() > 1e-3
+
+
+def test_registered_input_gate_is_checked_for_admissibility_at_each_entropy():
+    from fused_gates import GateAdmissibilityError, register_input_gate
+
+    def broken(inputs):  # f'(1) = 1 / (1 + H): property (ii) fails unless H = 0
+        return 1 + (inputs.ratio - 1) / (1 + inputs.entropy)
+
+    def broken_derivative(inputs):
+        return torch.ones_like(inputs.ratio) / (1 + inputs.entropy)
+
+    with pytest.raises(GateAdmissibilityError, match=r"broken \(entropy=0.05.*\(ii\)"):
+        register_input_gate("broken", broken, broken_derivative)
