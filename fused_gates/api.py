@@ -179,7 +179,10 @@ def gated_policy_loss(
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
         ``ratio``, ``gate_value``, ``gate_grad`` (f'(r)), the Effective Update Ratio ``eur`` (paper eq. 12) and
-        ``metrics`` (scalar tensors; no host synchronisation is forced to compute them).
+        ``metrics`` (scalar tensors; no host synchronisation is forced to compute them). For every gate
+        ``gate_grad`` is the token's gradient weight relative to the unclipped policy gradient ``r A grad logp``
+        (f'(r) for a gate of r, 0 / 1 for a mask, ``w / r`` for a detached weight w), so ``eur`` is eq. 12
+        generalised: its mean over tokens and prompt groups.
 
     The loss supports repeated backward through a retained graph; double backward (``create_graph=True``) raises.
     """

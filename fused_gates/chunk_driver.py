@@ -286,6 +286,8 @@ def recompute_gradients(
         ids, chunk_saved = targets[chunk], saved.select(chunk)
         where = chunk_targets(head, ids)
         recompute = getattr(backend, "gradient_from_saved", None)
+        if recompute is None and saved.chunks is None:  # no forward gradient to reproduce: dz from the saved lse
+            recompute = getattr(backend, "gradient_from_lse", None)
         if recompute is not None:
             dz = recompute(hidden[chunk], where, chunk_saved)
         else:

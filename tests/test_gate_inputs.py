@@ -266,3 +266,12 @@ def test_registered_input_gate_is_checked_for_admissibility_at_each_entropy():
 
     with pytest.raises(GateAdmissibilityError, match=r"broken \(entropy=0.05.*\(ii\)"):
         register_input_gate("broken", broken, broken_derivative)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.02], ids=["no_entropy_term", "entropy_term"])
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["no_softcap", "softcap"])
+def test_batch_statistic_backward_from_the_saved_statistics_matches_reference(softcap, entropy_coef):
+    # several chunks: the forward forms no gradient, the backward recomputes dz from the saved lse
+    inputs = gate_inputs("m2po", _seed("saved", softcap, entropy_coef), batch=6, length=11)
+    options = dict(OPTIONS, entropy_coef=entropy_coef, logit_softcap=softcap, memory_budget_mb=0.004)
+    assert_matches_reference(inputs, gate="m2po", **options)
