@@ -275,3 +275,19 @@ def test_batch_statistic_backward_from_the_saved_statistics_matches_reference(so
     inputs = gate_inputs("m2po", _seed("saved", softcap, entropy_coef), batch=6, length=11)
     options = dict(OPTIONS, entropy_coef=entropy_coef, logit_softcap=softcap, memory_budget_mb=0.004)
     assert_matches_reference(inputs, gate="m2po", **options)
+
+
+def test_whole_row_chunks_are_packed_to_the_budget_not_to_the_evened_chunk():
+    from types import SimpleNamespace
+
+    from fused_gates.chunk_driver import plan_chunk_rows, plan_loss_chunks, token_chunks
+
+    # 8 rows of 56 tokens; the budget holds 215 tokens, evened out to 3 chunks of 150: whole rows of 56 fit 3 to a
+    # chunk of the budget (3 chunks, as token chunks take) but only 2 to a chunk of 150 (4 chunks: one more pass
+    # over dW)
+    tokens = SimpleNamespace(count=448, row_counts=lambda: [56] * 8)
+    rows = plan_chunk_rows(448, 1000, 215 * 1000 / 2**20)
+    whole_rows = SimpleNamespace(needs_whole_batch=False, needs_whole_rows=True)
+    assert rows == 150 and len(token_chunks(448, rows)) == 3
+    assert len(plan_loss_chunks(tokens, rows, whole_rows)) == 4
+    assert len(plan_loss_chunks(tokens, rows, whole_rows, capacity=215)) == 3
