@@ -222,6 +222,9 @@ _INPUT_GATES: dict[str, Gate] = {
     for name in INPUT_GATES
 }
 _REGISTRY: dict[str, Gate] = dict(_BUILTIN_GATES)
+_REGISTERED_INPUT_GATES: dict[str, Gate] = {}
+"""Gates of :func:`register_input_gate`: selectable by name, not listed by :func:`available_gates` (whose gates are
+functions of (r, tau) that plots and the admissibility tools evaluate)."""
 
 
 def register_gate(
@@ -247,7 +250,7 @@ def register_gate(
         raise TypeError(f"name must be a non-empty string, got {name!r}")
     if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
-    if name in _REGISTRY and not overwrite:
+    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
         raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(value) or not callable(derivative):
         raise TypeError("value and derivative must be callables (ratio, tau) -> tensor")
@@ -257,6 +260,7 @@ def register_gate(
         raise ValueError(f"check_taus must be a non-empty sequence of positive temperatures, got {check_taus!r}")
     check_admissible(name, value, derivative, check_taus)
     gate = Gate(name, value, derivative, triton_value, triton_derivative, kernel_id=CUSTOM_KERNEL_ID)
+    _REGISTERED_INPUT_GATES.pop(name, None)
     _REGISTRY[name] = gate
     return gate
 
@@ -296,12 +300,13 @@ def register_input_gate(
     inputs fixed, the pair must satisfy the paper's properties (i)-(iv): it is checked for every tau in
     ``check_taus``, entropy in ``check_entropies``, current log-prob in ``check_logprobs`` (the old log-prob follows
     from the ratio) and advantage sign. It runs on the torch backend and on the Triton backend's unfused path (the
-    statistics kernel, the gate in torch, the gradient kernel), at ``importance_sampling_level="token"``."""
+    statistics kernel, the gate in torch, the gradient kernel), at ``importance_sampling_level="token"``. Selectable
+    as ``gate=name`` (or the returned :class:`Gate`); not listed by :func:`available_gates`."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
     if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
-    if name in _REGISTRY and not overwrite:
+    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
         raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(value) or not callable(derivative):
         raise TypeError("value and derivative must be callables (GateInputs) -> tensor")
@@ -323,7 +328,8 @@ def register_input_gate(
                 label = f"{name} (entropy={entropy:g}, logp={logprob:g}, A={sign:+g})"
                 check_admissible(label, at(value), at(derivative), check_taus)
     gate = Gate(name, value, derivative, kind="inputs", kernel_id=None)
-    _REGISTRY[name] = gate
+    _REGISTRY.pop(name, None)
+    _REGISTERED_INPUT_GATES[name] = gate
     return gate
 
 
@@ -331,6 +337,9 @@ def unregister_gate(name: str) -> None:
     """Remove a user-defined gate from the registry."""
     if name in _BUILTIN_GATES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be removed")
+    if name in _REGISTERED_INPUT_GATES:
+        del _REGISTERED_INPUT_GATES[name]
+        return
     if name not in _REGISTRY:
         raise KeyError(f"no gate named {name!r} is registered")
     del _REGISTRY[name]
@@ -342,9 +351,10 @@ def get_gate(gate: str | Gate) -> Gate:
         return gate
     if not isinstance(gate, str):
         raise TypeError(f"gate: expected a gate name or a Gate, got {type(gate).__name__}")
-    found = _REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate) or _INPUT_GATES.get(gate)
+    found = (_REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate) or _INPUT_GATES.get(gate)
+             or _REGISTERED_INPUT_GATES.get(gate))
     if found is None:
-        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES, *_INPUT_GATES])
+        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES, *_INPUT_GATES, *sorted(_REGISTERED_INPUT_GATES)])
         raise ValueError(f"gate: unknown gate {gate!r}; registered gates: {names}")
     return found
 

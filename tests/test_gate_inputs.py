@@ -291,3 +291,12 @@ def test_whole_row_chunks_are_packed_to_the_budget_not_to_the_evened_chunk():
     assert rows == 150 and len(token_chunks(448, rows)) == 3
     assert len(plan_loss_chunks(tokens, rows, whole_rows)) == 4
     assert len(plan_loss_chunks(tokens, rows, whole_rows, capacity=215)) == 3
+
+
+def test_registered_input_gate_is_selectable_by_name_but_not_listed_with_the_gates_of_r(entropy_gate):
+    from fused_gates import available_gates, get_gate, register_gate
+
+    assert get_gate("entropy_sigmoid") is entropy_gate and entropy_gate.has_temperature
+    assert "entropy_sigmoid" not in available_gates()
+    with pytest.raises(ValueError, match="already registered"):
+        register_gate("entropy_sigmoid", lambda r, t: r, lambda r, t: torch.ones_like(r))
