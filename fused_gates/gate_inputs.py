@@ -22,9 +22,10 @@ mask's weights (fractional masks weight tokens), per token:
 ``dppo`` -- DPPO-Binary-TV, Qi et al. 2026, "Rethinking the Trust Region in LLM Reinforcement Learning"
     (arXiv:2602.04879): the trust region is a bound on the total-variation proxy ``p - p_old`` (probabilities, not a
     ratio). ``valid = p - p_old <= delta_high`` where ``A > 0``, ``p - p_old >= -delta_low`` otherwise;
-    ``P = -sg(min(r, C) valid) A logp`` (the weight detached). delta = 0.15 on both sides (the paper's Binary-TV
-    runs); the truncation ``C = 20`` of the importance weight is verl's ``clip_ratio_c`` default for its ``dppo_tv``
-    loss, which the paper leaves to the implementation. ``gate_grad = min(r, C) valid / r``.
+    ``P = -sg(min(r, C) valid) A logp`` (the weight detached). delta = 0.15 on both sides (the value of the
+    authors' released Binary-TV run scripts); the truncation ``C = 20`` of the importance weight is verl's
+    ``clip_ratio_c`` default for its ``dppo_tv`` loss, which the paper leaves to the implementation.
+    ``gate_grad = min(r, C) valid / r``.
 ``m2po`` -- Zheng et al. 2025, "Second-Moment Trust Policy Optimization" (arXiv:2510.01161): a batch statistic.
     The tokens with the largest ``(log r)^2`` are masked, largest first, until the second moment
     ``sum m (log r)^2 / sum m`` over the tokens kept is at most ``tau_M2 = 0.04``; ``P = -M r A`` with the mask
@@ -64,7 +65,9 @@ aspo ``logp, old_logp, A``; gmpo ``logp, old_logp, A, m`` and the row. The impor
 gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory budget:
 when the batch fits one chunk the loss, gradient coefficients and gradients come from the same pass (three
 products); otherwise the forward takes the statistics pass and the backward recomputes the logits (four products),
-as for a row longer than a chunk (``fused_gates.chunk_driver``).
+as for a row longer than a chunk (``fused_gates.chunk_driver``). On the Triton backend these gates take the
+unfused path (the statistics kernel, this module in torch, the gradient kernel): no extra product, but no fused
+epilogue either. DPPO-Binary-KL and the Top-K divergence approximations are not implemented.
 """
 
 from __future__ import annotations
