@@ -30,10 +30,12 @@ import torch
 from torch import Tensor
 
 from fused_gates import PAPER_GATES
+from fused_gates.gates import INPUT_GATES
+from fused_gates.reference import TRUST_REGION_DEFAULTS, trust_region_terms
 
 TAU_POS, TAU_NEG = 1.0, 1.05
 EPSILON = 0.2  # clip gate: epsilon_low = epsilon_high
-GATES = PAPER_GATES
+GATES = (*PAPER_GATES, *INPUT_GATES)
 # TRL 1.16's trainer passes trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (vocabulary tile width); importing that
 # module pulls in transformers, so the value is repeated here
 TRL_CHUNK_SIZE = 32768
@@ -122,7 +124,15 @@ def gate_value(gate: str, ratio: Tensor, advantages: Tensor) -> Tensor:
 
 
 def policy_loss(logps: Tensor, case: Case, gate: str = "sigmoid") -> Tensor:
-    """``-f(r) A`` per token, averaged per sequence over its mask, then over sequences (TRL's ``grpo``)."""
+    """``-f(r) A`` per token, averaged per sequence over its mask, then over sequences (TRL's ``grpo``); the gates that
+    read more than r take the float64 specification's per-token term (``fused_gates.reference``) at the papers'
+    defaults."""
+    if gate in INPUT_GATES:
+        m = case.mask.double()
+        per_token, _, _ = trust_region_terms(gate, logps.double(), case.old.double(),
+                                             case.advantages.double().unsqueeze(1), m, EPSILON, EPSILON,
+                                             dict(TRUST_REGION_DEFAULTS))
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean().float()
     ratio = torch.exp(logps.float() - case.old)
     per_token = -gate_value(gate, ratio, case.advantages.unsqueeze(1)) * case.advantages.unsqueeze(1)
     m = case.mask.to(per_token.dtype)

@@ -5,14 +5,17 @@ from .admissibility import GateAdmissibilityError, check_admissible
 from .api import GatedPolicyLossOutput, gated_policy_loss, token_logprobs
 from .backends import BACKENDS
 from .gates import (
+    INPUT_GATES,
     PAPER_GATES,
     POLICY_OBJECTIVES,
     SOFT_GATES,
     Gate,
+    GateInputs,
     GateParameters,
     available_gates,
     get_gate,
     register_gate,
+    register_input_gate,
     unregister_gate,
 )
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
@@ -24,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "INPUT_GATES",
     "LOSS_TYPES",
     "NONFINITE_POLICIES",
     "PAPER_GATES",
@@ -31,6 +35,7 @@ __all__ = [
     "SOFT_GATES",
     "Gate",
     "GateAdmissibilityError",
+    "GateInputs",
     "GateParameters",
     "GatedPolicyLossOutput",
     "HeadOptions",
@@ -41,6 +46,7 @@ __all__ = [
     "get_gate",
     "high_entropy_mask",
     "register_gate",
+    "register_input_gate",
     "token_logprobs",
     "unregister_gate",
 ]

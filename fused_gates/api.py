@@ -21,6 +21,7 @@ from .options import HeadOptions, LossOptions
 from .self_check import use_public_functions
 from .sequence_parallel import checked_on_every_rank, global_loss_and_metrics, head_fingerprint, loss_fingerprint
 from .tokens import plan_logprob_tokens, plan_loss_tokens
+from .validation import fail
 
 __all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
 L, H = LossOptions, HeadOptions  # the defaults below are the options objects' own
@@ -87,6 +88,13 @@ def gated_policy_loss(
     memory_budget_mb: float | None = H.memory_budget_mb,
     sequence_group: object | None = H.sequence_group,
     sequence_ids: Tensor | None = L.sequence_ids,
+    dppo_delta: float | tuple[float, float] | None = L.dppo_delta,
+    m2po_threshold: float | None = L.m2po_threshold,
+    bapo_rho: float | None = L.bapo_rho,
+    bapo_bounds: tuple[float, float, float, float] | None = L.bapo_bounds,
+    bapo_steps: tuple[float, float] | None = L.bapo_steps,
+    aspo_dual_clip: float | None = L.aspo_dual_clip,
+    gmpo_epsilon: float | tuple[float, float] | None = L.gmpo_epsilon,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -117,7 +125,9 @@ def gated_policy_loss(
         ref_logprobs: [B, T] reference-model log-probs, required when ``beta != 0``.
         gate: a registered gate name (``clip``, ``sigmoid``, ``erf``, ``arctan``, ``softsign``, or one added with
             :func:`fused_gates.register_gate`), TRL's detached-weight objectives ``cispo`` (weight
-            ``min(r, epsilon_high)``) and ``vespo`` (TRL's gamma weight of the row's ratio), or a :class:`Gate`.
+            ``min(r, epsilon_high)``) and ``vespo`` (TRL's gamma weight of the row's ratio), the trust-region
+            objectives that read more than the ratio ``dppo``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``
+            (:mod:`fused_gates.gate_inputs`), or a :class:`Gate`.
         epsilon_high: defaults to ``epsilon_low``.
         delta: ``gate="clip"`` only: TRL's two-sided clipping, the unclipped term's ratio capped at ``delta``.
         vespo_k, vespo_lambda: ``gate="vespo"`` only: ``(positive, negative)`` shape of the gamma weight (TRL's
@@ -174,11 +184,25 @@ def gated_policy_loss(
             groups), ``advantages`` is [S] (one per sequence, indexed by the id) and ``group_ids`` / ``group_size``
             group sequences. Along the batch the valid tokens' ids never decrease (each sequence one run, in order).
             Works with ``sequence_group`` (each rank's slice of the packed rows). See :mod:`fused_gates.packed_rows`.
+        dppo_delta, m2po_threshold, bapo_rho, bapo_bounds, bapo_steps, aspo_dual_clip, gmpo_epsilon: the
+            hyperparameters of the gates that read more than the ratio (``gate=`` ``"dppo"`` (DPPO-Binary-TV),
+            ``"m2po"``, ``"bapo"``, ``"aspo"``, ``"gmpo"``; each refused with any other gate; None: the paper's
+            default): DPPO's probability-difference bound delta (0.15; a number or a ``(low, high)`` pair in (0, 1]),
+            M2PO's second-moment bound tau_M2 (0.04), BAPO's target share rho_0 of positive tokens (0.5, in (0, 1)),
+            its ranges ``(a-, b-, a+, b+)`` of c_low and c_high ((0.6, 0.9, 1.2, 3.0)) and steps ``(delta_1,
+            delta_2)`` ((0.1, 0.05)), ASPO's soft dual clip c (3, > 1; its clip uses ``epsilon_low`` /
+            ``epsilon_high``), GMPO's log-space clip range eps (0.4, or ``(low, high)``). Formulas, citations and
+            the choices taken where a paper leaves one open: :mod:`fused_gates.gate_inputs`. They take
+            ``importance_sampling_level="token"`` only; m2po and bapo read a statistic of the whole batch (one
+            more product when the batch needs several chunks), gmpo the whole row.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
         ``ratio``, ``gate_value``, ``gate_grad`` (f'(r)), the Effective Update Ratio ``eur`` (paper eq. 12) and
-        ``metrics`` (scalar tensors; no host synchronisation is forced to compute them).
+        ``metrics`` (scalar tensors; no host synchronisation is forced to compute them). For every gate
+        ``gate_grad`` is the token's gradient weight relative to the unclipped policy gradient ``r A grad logp``
+        (f'(r) for a gate of r, 0 / 1 for a mask, ``w / r`` for a detached weight w), so ``eur`` is eq. 12
+        generalised: its mean over tokens and prompt groups.
 
     The loss supports repeated backward through a retained graph; double backward (``create_graph=True``) raises.
     """
@@ -187,7 +211,11 @@ def gated_policy_loss(
 
     def check():
         batch = check_batch(hidden, weight, completion_ids, completion_mask, head_options)
-        return batch, check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, loss_options)
+        args = check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, loss_options)
+        if sequence_group is not None and args.config.needs_whole_batch:
+            raise fail("sequence_group", f"gate={args.config.gate.name!r} reads a statistic of the whole batch, "
+                       "which is not gathered across sequence-sharded ranks; use it without sequence_group")
+        return batch, args
 
     given = {"completion_mask": completion_mask, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
     (batch, args), sequence = checked_on_every_rank(

@@ -75,11 +75,16 @@ def plan_chunk_rows(num_tokens: int, bytes_per_row: int, memory_budget_mb: float
     """Tokens per chunk so that the chunk's buffers (``bytes_per_row`` each token) fit the budget; at least 1, at
     most ``num_tokens``. The tokens are spread evenly over the chunks this takes, so that no chunk is a small
     remainder (each chunk pays the dW accumulator's traffic whatever its size)."""
-    capacity = max(1, min(num_tokens, int(memory_budget_mb * 2**20) // bytes_per_row))
+    capacity = chunk_capacity(num_tokens, bytes_per_row, memory_budget_mb)
     if not num_tokens:
         return capacity
     chunks = -(-num_tokens // capacity)
     return max(1, -(-num_tokens // chunks))
+
+
+def chunk_capacity(num_tokens: int, bytes_per_row: int, memory_budget_mb: float) -> int:
+    """The most tokens a chunk's buffers may hold within the budget (at least 1, at most ``num_tokens``)."""
+    return max(1, min(num_tokens, int(memory_budget_mb * 2**20) // bytes_per_row))
 
 
 def token_chunks(num_tokens: int, rows: int) -> list[slice]:
@@ -102,12 +107,21 @@ def row_aligned_chunks(row_counts: list[int], rows: int) -> list[slice] | None:
     return chunks
 
 
-def plan_loss_chunks(tokens: TokenData, rows: int, config: ObjectiveConfig) -> list[slice] | None:
+def plan_loss_chunks(tokens: TokenData, rows: int, config: ObjectiveConfig,
+                     capacity: int | None = None) -> list[slice] | None:
+    """The forward's chunks: ``rows`` tokens each (evened out), or whole rows packed up to ``capacity`` (default
+    ``rows``: packing to the budget's capacity instead keeps whole-row chunks as few as token chunks)."""
+    if config.needs_whole_batch:  # a batch statistic: the batch in one chunk, or the statistics pass first
+        return [slice(0, tokens.count)] if tokens.count <= rows else None
     if not config.needs_whole_rows:
         return token_chunks(tokens.count, rows)
     if tokens.row_reduce is not None:
         return None  # the rows continue on other ranks: every rank's statistics first, the gradients in the backward
-    return row_aligned_chunks(tokens.row_counts(), rows)
+    return row_aligned_chunks(tokens.row_counts(), rows if capacity is None else capacity)
+
+
+def largest_chunk(chunks: list[slice]) -> int:
+    return max((c.stop - c.start for c in chunks), default=1)
 
 
 # -- the vocabulary-parallel slice ---------------------------------------------------------------------------------
@@ -188,10 +202,11 @@ class GradientAccumulator:
 BackendFactory = Callable[[Head, GradientNeeds], ChunkBackend]
 
 
-def _allocated(make: BackendFactory, head: Head, needs: GradientNeeds, num_tokens: int) -> tuple[ChunkBackend, int]:
+def _allocated(make: BackendFactory, head: Head, needs: GradientNeeds, num_tokens: int,
+               at_least: int = 0) -> tuple[ChunkBackend, int]:
     backend = make(head, needs)
     rows = plan_chunk_rows(num_tokens, backend.bytes_per_row(), head.memory_budget_mb)
-    backend.allocate(rows)
+    backend.allocate(max(rows, at_least))
     return backend, rows
 
 
@@ -248,15 +263,17 @@ def loss_forward(
         # scale exists to keep: the backward forms it, with the upstream gradient in it (a fourth product).
         return statistics_only()
     rows = plan_chunk_rows(num_tokens, backend.bytes_per_row(), head.memory_budget_mb)
-    chunks = plan_loss_chunks(tokens, rows, config)
+    capacity = chunk_capacity(num_tokens, backend.bytes_per_row(), head.memory_budget_mb)
+    chunks = plan_loss_chunks(tokens, rows, config, capacity)
     if chunks is None:
         return statistics_only()
-    backend.allocate(rows)
+    backend.allocate(max(rows, largest_chunk(chunks)))
     acc = head.accumulate_dtype
     logprobs, entropy, log_sum_exp = (hidden.new_empty(num_tokens, dtype=acc) for _ in range(3))
     grads = GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
     fused = getattr(backend, "fused_token_chunk", None)
-    use_fused = fused is not None and not config.needs_whole_rows and head.shard is None
+    use_fused = (fused is not None and not config.needs_whole_rows and head.shard is None
+                 and config.gate.kernel_id is not None)
     keep = "logits" if config.has_entropy_bonus else "exp"
     parts = []
     for chunk in chunks:
@@ -288,12 +305,15 @@ def recompute_gradients(
     grads = GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
     if not num_tokens:
         return grads.result()
-    backend, rows = _allocated(make, head, needs, num_tokens)
+    at_least = 0 if saved.chunks is None else largest_chunk(saved.chunks)  # the forward's chunks, up to the capacity
+    backend, rows = _allocated(make, head, needs, num_tokens, at_least)
     keep = "exp" if saved.grad_entropy is None else "logits"
     for chunk in saved.chunks if saved.chunks is not None else token_chunks(num_tokens, rows):
         ids, chunk_saved = targets[chunk], saved.select(chunk)
         where = chunk_targets(head, ids)
         recompute = getattr(backend, "gradient_from_saved", None)
+        if recompute is None and saved.chunks is None:  # no forward gradient to reproduce: dz from the saved lse
+            recompute = getattr(backend, "gradient_from_lse", None)
         if recompute is not None:
             dz = recompute(hidden[chunk], where, chunk_saved)
         else:

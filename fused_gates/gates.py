@@ -35,7 +35,7 @@ The Triton forms of the same formulas are in ``fused_gates.kernels.gates``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,9 +55,12 @@ PAPER_GATES = ("clip", *SOFT_GATES)
 POLICY_OBJECTIVES = ("cispo", "vespo")
 """TRL's detached-weight objectives, selectable as ``gate=`` but not gates f(r) of the paper's form."""
 
-GATE_KINDS = ("clip", "soft", "cispo", "vespo")
-"""What a gate is: GRPO's clip (epsilons), a soft gate of (r, tau) (built-in or registered), or one of TRL's
-detached-weight objectives."""
+GATE_KINDS = ("clip", "soft", "cispo", "vespo", "inputs")
+"""What a gate is: GRPO's clip (epsilons), a soft gate of (r, tau) (built-in or registered), one of TRL's
+detached-weight objectives, or a gate that reads more than the ratio (``fused_gates.gate_inputs``)."""
+INPUT_GATES = ("dppo", "m2po", "bapo", "aspo", "gmpo")
+"""The trust-region objectives that read more than r (probabilities, the advantage, a batch statistic, the row):
+their formulas, parameters and citations are in ``fused_gates.gate_inputs``."""
 
 DEFAULT_CHECK_TAUS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
@@ -94,6 +97,8 @@ class Gate:
     triton_derivative: object | None = field(default=None, compare=False)
     kind: str = "soft"  # one of GATE_KINDS
     kernel_id: int | None = CUSTOM_KERNEL_ID  # the kernels' branch; None: no kernel form (vespo)
+    batch_statistic: bool = False  # reads a statistic of the whole batch (the chunks must see every token first)
+    whole_rows: bool = False  # a token's term depends on the other tokens of its row
 
     @property
     def is_clip(self) -> bool:
@@ -108,10 +113,20 @@ class Gate:
         return self.kind == "vespo"
 
     @property
+    def reads_inputs(self) -> bool:
+        """Whether the gate reads more than (r, tau): evaluated by ``fused_gates.gate_inputs``."""
+        return self.kind == "inputs"
+
+    @property
     def has_temperature(self) -> bool:
         """Whether the gate takes tau (``tau_pos`` / ``tau_neg``): the soft gates, built-in or registered; not clip
         (set by its epsilons) nor the detached-weight objectives."""
-        return self.kind == "soft"
+        return self.kind == "soft" or self.is_registered_input_gate
+
+    @property
+    def is_registered_input_gate(self) -> bool:
+        """A user's gate of (r, tau) and the token's other inputs (:func:`register_input_gate`)."""
+        return self.kind == "inputs" and self.name not in _INPUT_GATES
 
     @property
     def runs_in_kernels(self) -> bool:
@@ -201,7 +216,15 @@ _POLICY_OBJECTIVES: dict[str, Gate] = {
     "cispo": Gate("cispo", _unavailable, _unavailable, kind="cispo", kernel_id=BUILTIN_KERNEL_IDS["cispo"]),
     "vespo": Gate("vespo", _unavailable, _unavailable, kind="vespo", kernel_id=None),
 }
+_INPUT_GATES: dict[str, Gate] = {
+    name: Gate(name, _unavailable, _unavailable, kind="inputs", kernel_id=None,
+               batch_statistic=name in ("m2po", "bapo"), whole_rows=name == "gmpo")
+    for name in INPUT_GATES
+}
 _REGISTRY: dict[str, Gate] = dict(_BUILTIN_GATES)
+_REGISTERED_INPUT_GATES: dict[str, Gate] = {}
+"""Gates of :func:`register_input_gate`: selectable by name, not listed by :func:`available_gates` (whose gates are
+functions of (r, tau) that plots and the admissibility tools evaluate)."""
 
 
 def register_gate(
@@ -225,9 +248,9 @@ def register_gate(
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
-    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES:
+    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
-    if name in _REGISTRY and not overwrite:
+    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
         raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(value) or not callable(derivative):
         raise TypeError("value and derivative must be callables (ratio, tau) -> tensor")
@@ -237,7 +260,76 @@ def register_gate(
         raise ValueError(f"check_taus must be a non-empty sequence of positive temperatures, got {check_taus!r}")
     check_admissible(name, value, derivative, check_taus)
     gate = Gate(name, value, derivative, triton_value, triton_derivative, kernel_id=CUSTOM_KERNEL_ID)
+    _REGISTERED_INPUT_GATES.pop(name, None)
     _REGISTRY[name] = gate
+    return gate
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """What a gate registered with :func:`register_input_gate` reads per token (1-D tensors, detached): the ratio,
+    the temperature chosen by the advantage's sign, the advantage, the current and the behaviour policy's log-probs
+    (``p = exp(logprobs)``), and the entropy of the token's distribution."""
+
+    ratio: Tensor
+    tau: Tensor
+    advantages: Tensor
+    logprobs: Tensor
+    old_logprobs: Tensor
+    entropy: Tensor
+
+
+InputGateFunction = Callable[[GateInputs], Tensor]
+DEFAULT_CHECK_ENTROPIES: tuple[float, ...] = (0.05, 1.0, 4.0, 11.0)
+DEFAULT_CHECK_LOGPROBS: tuple[float, ...] = (-0.01, -2.0, -12.0)
+
+
+def register_input_gate(
+    name: str,
+    value: InputGateFunction,
+    derivative: InputGateFunction,
+    *,
+    check_taus: Sequence[float] = DEFAULT_CHECK_TAUS,
+    check_entropies: Sequence[float] = DEFAULT_CHECK_ENTROPIES,
+    check_logprobs: Sequence[float] = DEFAULT_CHECK_LOGPROBS,
+    overwrite: bool = False,
+) -> Gate:
+    """Register a gate that reads more than the ratio: ``value(inputs) = f`` and ``derivative(inputs) = df/dr``
+    elementwise over a :class:`GateInputs`; the policy term is ``-f A`` as for the paper's gates, and the entropy,
+    advantage and log-probs enter as constants (no gradient flows through them). As a function of r with the other
+    inputs fixed, the pair must satisfy the paper's properties (i)-(iv): it is checked for every tau in
+    ``check_taus``, entropy in ``check_entropies``, current log-prob in ``check_logprobs`` (the old log-prob follows
+    from the ratio) and advantage sign. It runs on the torch backend and on the Triton backend's unfused path (the
+    statistics kernel, the gate in torch, the gradient kernel), at ``importance_sampling_level="token"``. Selectable
+    as ``gate=name`` (or the returned :class:`Gate`); not listed by :func:`available_gates`."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
+        raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
+    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
+        raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(value) or not callable(derivative):
+        raise TypeError("value and derivative must be callables (GateInputs) -> tensor")
+    for what, values in (("check_taus", check_taus), ("check_entropies", check_entropies)):
+        if not values or any(not (v > 0) for v in values):
+            raise ValueError(f"{what} must be a non-empty sequence of positive numbers, got {values!r}")
+    if not check_logprobs or any(not (v < 0) for v in check_logprobs):
+        raise ValueError(f"check_logprobs must be a non-empty sequence of negative numbers, got {check_logprobs!r}")
+    for entropy in check_entropies:
+        for logprob in check_logprobs:
+            for sign in (1.0, -1.0):
+                def at(fn: InputGateFunction, e: float = entropy, lp: float = logprob, a: float = sign):
+                    def of(ratio: Tensor, tau: Tensor) -> Tensor:
+                        logp = torch.full_like(ratio, lp)
+                        return fn(GateInputs(ratio, tau, torch.full_like(ratio, a), logp, logp - torch.log(ratio),
+                                             torch.full_like(ratio, e)))
+                    return of
+
+                label = f"{name} (entropy={entropy:g}, logp={logprob:g}, A={sign:+g})"
+                check_admissible(label, at(value), at(derivative), check_taus)
+    gate = Gate(name, value, derivative, kind="inputs", kernel_id=None)
+    _REGISTRY.pop(name, None)
+    _REGISTERED_INPUT_GATES[name] = gate
     return gate
 
 
@@ -245,6 +337,9 @@ def unregister_gate(name: str) -> None:
     """Remove a user-defined gate from the registry."""
     if name in _BUILTIN_GATES:
         raise ValueError(f"name {name!r} is a built-in gate and cannot be removed")
+    if name in _REGISTERED_INPUT_GATES:
+        del _REGISTERED_INPUT_GATES[name]
+        return
     if name not in _REGISTRY:
         raise KeyError(f"no gate named {name!r} is registered")
     del _REGISTRY[name]
@@ -256,9 +351,10 @@ def get_gate(gate: str | Gate) -> Gate:
         return gate
     if not isinstance(gate, str):
         raise TypeError(f"gate: expected a gate name or a Gate, got {type(gate).__name__}")
-    found = _REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate)
+    found = (_REGISTRY.get(gate) or _POLICY_OBJECTIVES.get(gate) or _INPUT_GATES.get(gate)
+             or _REGISTERED_INPUT_GATES.get(gate))
     if found is None:
-        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES])
+        names = ", ".join([*sorted(_REGISTRY), *_POLICY_OBJECTIVES, *_INPUT_GATES, *sorted(_REGISTERED_INPUT_GATES)])
         raise ValueError(f"gate: unknown gate {gate!r}; registered gates: {names}")
     return found
 

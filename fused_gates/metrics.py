@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .gate_inputs import input_gate_metrics
 from .objective import ObjectiveConfig, TokenData
 
 
@@ -122,7 +123,8 @@ def loss_metrics(
 ) -> dict[str, Tensor]:
     """``eur``, ``entropy``, ``ratio/mean|min|max``, ``gate/mean``, ``kl`` (beta != 0) and TRL's clip fractions:
     ``clip_ratio/low_mean|high_mean|region_mean`` for clip, ``cispo_clip_ratio`` for cispo, ``vespo/phi_seq_mean`` for
-    vespo; per-token inputs are those of the computed tokens."""
+    vespo, what a gate that reads more than r decided (``fused_gates.gate_inputs.input_gate_metrics``); per-token
+    inputs are those of the computed tokens."""
     m = tokens.mask
     has_tokens = m.sum() > 0
     zero = m.new_zeros(())
@@ -159,6 +161,8 @@ def loss_metrics(
             metrics["vespo/phi_seq_mean"] = (phi * present).sum() / present.sum().clamp(min=1)
         else:
             metrics["vespo/phi_seq_mean"] = masked_mean(gate_value, m)
+    elif config.gate.reads_inputs:
+        metrics.update(input_gate_metrics(config.gate, ratio, gate_value, tokens.advantages, m, config.input_params))
     return metrics
 
 

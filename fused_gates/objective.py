@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .admissibility import MAX_LOG_RATIO
+from .gate_inputs import InputGateParameters, evaluate_input_gate
 from .gates import Gate, GateParameters
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -61,12 +62,20 @@ class ObjectiveConfig:
     use_bias_correction_kl: bool
     has_entropy_bonus: bool
     off_policy_mask_threshold: float | None = None
+    input_params: InputGateParameters | None = None  # the parameters of a gate that reads more than r
 
     @property
     def needs_whole_rows(self) -> bool:
         """Whether a token's gradient coefficient depends on other tokens of its row (then a chunk must hold whole
         rows, or the backward recomputes)."""
-        return self.sequence_level or self.gate.is_vespo or self.off_policy_mask_threshold is not None
+        return (self.sequence_level or self.gate.is_vespo or self.off_policy_mask_threshold is not None
+                or self.gate.whole_rows)
+
+    @property
+    def needs_whole_batch(self) -> bool:
+        """Whether a token's coefficient depends on a statistic of the whole batch (then one chunk must hold the
+        batch, or the backward recomputes)."""
+        return self.gate.batch_statistic
 
 
 @dataclass
@@ -231,7 +240,12 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
 
     # The policy term P: d P / d r (through the ratio) and d P / d logp (directly, detached weights).
     gate = config.gate
-    if gate.is_cispo or gate.is_vespo:
+    row_chain = None
+    if gate.reads_inputs:  # fused_gates.gate_inputs: P, dP/dr, dP/dlogp and, for a row's ratio, its chain
+        read = evaluate_input_gate(gate, logprobs, entropy, tokens, config.params, config.input_params)
+        ratio, gate_value, gate_grad, row_chain = read.ratio, read.gate_value, read.gate_grad, read.row_chain
+        policy, policy_by_ratio, policy_by_logprob = read.policy, read.by_ratio, read.by_logprob
+    elif gate.is_cispo or gate.is_vespo:
         if gate.is_cispo:
             weight = ratio.clamp(max=config.params.epsilon_high)
         else:
@@ -273,7 +287,9 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
     loss = (weight * per_token_loss).sum()
     if config.has_entropy_bonus:
         loss = loss + (tokens.entropy_weight * entropy).sum()
-    if config.sequence_level:
+    if row_chain is not None:
+        grad_logprobs = _row_sum(weight * loss_grad_ratio, tokens) * row_chain + weight * local_grad
+    elif config.sequence_level:
         grad_logprobs = _row_sum(weight * loss_grad_ratio, tokens) * ratio * tokens.row_share + weight * local_grad
     else:
         grad_logprobs = weight * (loss_grad_ratio * ratio + local_grad)

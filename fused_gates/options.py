@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .gate_inputs import GATE_OPTIONS, resolve_input_parameters
 from .gates import Gate, GateParameters, get_gate
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, ObjectiveConfig
 from .validation import check_choice, check_number, fail
@@ -71,6 +72,14 @@ class LossOptions(_Collect):
     group_size: int | None = None
     group_ids: Tensor | None = None
     sequence_ids: Tensor | None = None
+    # the gates that read more than r (fused_gates.gate_inputs; None: the paper's default)
+    dppo_delta: float | tuple[float, float] | None = None
+    m2po_threshold: float | None = None
+    bapo_rho: float | None = None
+    bapo_bounds: tuple[float, float, float, float] | None = None
+    bapo_steps: tuple[float, float] | None = None
+    aspo_dual_clip: float | None = None
+    gmpo_epsilon: float | tuple[float, float] | None = None
 
     def check_scalars(self) -> ObjectiveConfig:
         """Every check that needs no tensor (each error names the option), and the objective they configure."""
@@ -106,6 +115,11 @@ class LossOptions(_Collect):
             raise fail("group_size", f"must be a positive int, got {self.group_size!r}")
         if self.group_ids is not None and self.group_size is not None:
             raise fail("group_ids", "give group_size or group_ids, not both")
+        input_params = resolve_input_parameters(gate, {name: getattr(self, name) for name in GATE_OPTIONS})
+        if gate.reads_inputs and self.importance_sampling_level != "token":
+            raise fail("importance_sampling_level", f"gate={gate.name!r} defines its own ratio; only 'token' applies")
+        if gate.whole_rows and self.use_bias_correction_kl and self.beta != 0:
+            raise fail("use_bias_correction_kl", f"gate={gate.name!r} has no token ratio to correct the KL with")
         items = self.num_items_in_batch
         if items is not None and self.loss_type == "dapo" and not isinstance(items, Tensor):
             # 0 is a batch without a token (the normaliser is clamped to 1); a tensor is checked with the values
@@ -119,6 +133,7 @@ class LossOptions(_Collect):
             use_bias_correction_kl=bool(self.use_bias_correction_kl),
             has_entropy_bonus=entropy_coef != 0,
             off_policy_mask_threshold=threshold,
+            input_params=input_params,
         )
 
 

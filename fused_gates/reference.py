@@ -14,12 +14,20 @@ the mask's weights; groups without a valid token are left out, no valid token at
 detached, ``gate_value`` is that weight and ``gate_grad`` the weight over r; ``vespo/phi_seq_mean`` averages the
 rows that have a valid token. ``nonfinite_tokens`` counts tokens with the mask set whose log-prob or entropy is not
 finite. Per-token outputs are 0 at masked positions.
+
+The trust-region objectives that read more than the ratio (dppo, m2po, bapo, aspo, gmpo) are written from their
+papers' formulas on ``[B, T]`` tensors, their detached weights and masks with ``detach``, M2PO's mask by removing
+the largest ``(log r)^2`` one token at a time and BAPO's bounds by the paper's loop; ``gate_grad`` is each token's
+gradient weight relative to the unclipped policy gradient ``r A grad logp`` (autograd of the per-token term; for
+gmpo of the token's clipped log-ratio), 1 where ``A = 0``, and EUR its mean as above. A gate that reads the
+token's other inputs (``custom_input_value``) gets them as constants; autograd differentiates it in r only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -69,6 +77,96 @@ def _gamma_weights(advantages, log_ratio, mask, sampling_ratio, k_pos, lambda_po
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
 
 
+TRUST_REGION_GATES = ("dppo", "m2po", "bapo", "aspo", "gmpo")
+TRUST_REGION_DEFAULTS = {"dppo_delta": (0.15, 0.15), "m2po_threshold": 0.04, "bapo_rho": 0.5,
+                         "bapo_bounds": (0.6, 0.9, 1.2, 3.0), "bapo_steps": (0.1, 0.05), "aspo_dual_clip": 3.0,
+                         "gmpo_epsilon": (0.4, 0.4)}
+"""The papers' hyperparameters of the trust-region objectives (the defaults of :func:`reference_loss`)."""
+
+
+def trust_region_terms(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, eps_low: float,
+                        eps_high: float, opts: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``(per-token policy term, gate value, ratio)`` of the trust-region objectives, differentiable in ``logp``,
+    each written from its paper (and, where the paper leaves it open, verl's or the authors' code)."""
+    a = adv.expand_as(logp)
+    ratio = torch.exp(logp - old)
+    r = ratio.detach()
+    if gate == "dppo":  # arXiv:2602.04879, Binary-TV; verl's dppo_tv (truncation at 20)
+        delta_low, delta_high = opts["dppo_delta"]
+        shift = logp.detach().exp() - old.exp()
+        valid = torch.where(a > 0, shift <= delta_high, shift >= -delta_low).to(logp.dtype)
+        weight = torch.clamp(r, max=20.0) * valid
+        return -a * weight * logp, weight, ratio
+    if gate == "m2po":  # arXiv:2510.01161: mask the largest (log r)^2 one at a time until M2 <= tau
+        second = (logp.detach() - old) ** 2
+        keep = (mask != 0).to(logp.dtype)
+        while (keep * mask).sum() > 0 and (second * mask * keep).sum() / (mask * keep).sum() > opts["m2po_threshold"]:
+            flat = torch.where(keep.reshape(-1) > 0, second.reshape(-1), torch.tensor(-math.inf, dtype=logp.dtype))
+            keep.view(-1)[int(torch.argmax(flat))] = 0.0
+        return -keep * ratio * a, keep * r, ratio
+    if gate == "bapo":  # arXiv:2510.18927, Algorithm 1
+        low_start, low_max, high_start, high_max = opts["bapo_bounds"]
+        step_high, step_low = opts["bapo_steps"]
+
+        def share(c_low: float, c_high: float) -> float:
+            loss = (torch.min(r * a, torch.clamp(r, c_low, c_high) * a).abs() * mask)
+            total = float(loss.sum())
+            return 1.0 if total <= 0 else float((loss * (a > 0)).sum()) / total
+
+        c_low, c_high = low_start, high_start
+        while share(c_low, c_high) < opts["bapo_rho"] and c_low + step_low <= low_max + 1e-9:
+            if c_high + step_high <= high_max + 1e-9:
+                c_high += step_high
+            else:
+                c_low += step_low
+        opts["bapo_chosen"] = (c_low, c_high)
+        per_token = -torch.min(ratio * a, torch.clamp(ratio, c_low, c_high) * a)
+        value = torch.where(a > 0, torch.clamp(r, max=c_high), torch.clamp(r, min=c_low))
+        return per_token, value, ratio
+    if gate == "aspo":  # arXiv:2510.06062, the authors' loss with one pair of epsilons
+        c = opts["aspo_dual_clip"]
+        negative_rho = torch.clamp(ratio, min=1 - eps_low)
+        positive_rho = torch.clamp(ratio, max=1 + eps_high)
+        negative_dual = negative_rho.detach() > c
+        negative = torch.where(negative_dual, -a * c * logp, -a * negative_rho)
+        positive_dual = 1 / positive_rho.detach() > c
+        flipped = (positive_rho / positive_rho.detach()) / positive_rho.detach()
+        positive = torch.where(positive_dual, -a * c * logp, -a * flipped)
+        value = torch.where(a < 0, torch.where(negative_dual, c, negative_rho.detach()),
+                            torch.where(positive_dual, c, 1 / positive_rho.detach()))
+        return torch.where(a < 0, negative, positive), value, ratio
+    if gate == "gmpo":  # arXiv:2507.20673, as verl's geo_mean writes it
+        low, high = opts["gmpo_epsilon"]
+        log_ratio = torch.clamp(logp - old, -20.0, 20.0)
+        sign = torch.sign(a)
+        clipped = sign * torch.min(sign * log_ratio, sign * torch.clamp(log_ratio, -low, high))
+        row_ratio = torch.exp((clipped * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+        return -a * row_ratio, row_ratio.detach().expand_as(logp), row_ratio
+    raise ValueError(gate)
+
+
+def _trust_region_gate_grad(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, eps_low: float,
+                            eps_high: float, opts: dict) -> Tensor:
+    """Each token's gradient weight relative to the unclipped policy gradient ``r A grad logp`` (1 where A = 0):
+    from autograd of the per-token term (token-level gates), or of the token's clipped log-ratio (gmpo)."""
+    a = adv.expand_as(logp)
+    probe = logp.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        if gate == "gmpo":
+            low, high = opts["gmpo_epsilon"]
+            log_ratio = torch.clamp(probe - old, -20.0, 20.0)
+            sign = torch.sign(a)
+            clipped = sign * torch.min(sign * log_ratio, sign * torch.clamp(log_ratio, -low, high))
+            (slope,) = torch.autograd.grad(clipped.sum(), probe)
+            weight = slope
+        else:
+            per_token, _, _ = trust_region_terms(gate, probe, old, adv, mask, eps_low, eps_high, opts)
+            (grad,) = torch.autograd.grad(per_token.sum(), probe)
+            unclipped = -a * torch.exp(logp.detach() - old)
+            weight = grad / torch.where(a != 0, unclipped, torch.ones_like(unclipped))
+    return torch.where(a == 0, torch.ones_like(weight), weight)
+
+
 def reference_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -103,6 +201,14 @@ def reference_loss(
     group_size: int | None = None,
     group_ids: Tensor | None = None,
     custom_value=None,
+    dppo_delta: tuple[float, float] = (0.15, 0.15),
+    m2po_threshold: float = 0.04,
+    bapo_rho: float = 0.5,
+    bapo_bounds: tuple[float, float, float, float] = (0.6, 0.9, 1.2, 3.0),
+    bapo_steps: tuple[float, float] = (0.1, 0.05),
+    aspo_dual_clip: float = 3.0,
+    gmpo_epsilon: tuple[float, float] = (0.4, 0.4),
+    custom_input_value=None,
 ) -> ReferenceResult:
     """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves)."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -136,7 +242,15 @@ def reference_loss(
     r_b = coef_1.expand(batch, length)
 
     phi = None
-    if gate == "clip":
+    if gate in TRUST_REGION_GATES:
+        opts = {"dppo_delta": dppo_delta, "m2po_threshold": m2po_threshold, "bapo_rho": bapo_rho,
+                "bapo_bounds": bapo_bounds, "bapo_steps": bapo_steps, "aspo_dual_clip": aspo_dual_clip,
+                "gmpo_epsilon": gmpo_epsilon}
+        per_token, gate_value, coef_1 = trust_region_terms(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
+        gate_grad = _trust_region_gate_grad(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)
+        r_b = coef_1.expand(batch, length)
+        bapo_chosen = opts.get("bapo_chosen")
+    elif gate == "clip":
         coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
         capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)
         per_token = -torch.min(capped * adv, coef_2 * adv)
@@ -165,6 +279,11 @@ def reference_loss(
         opts = {"tau_pos": tau_pos, "tau_neg": tau_neg}
 
         def value(r: Tensor) -> Tensor:
+            if custom_input_value is not None:  # f of (r, tau) and the token's other inputs, held constant
+                tau = torch.where(a_b > 0, torch.tensor(tau_pos, dtype=r.dtype), torch.tensor(tau_neg, dtype=r.dtype))
+                lp = logp.detach()
+                return custom_input_value(SimpleNamespace(ratio=r, tau=tau, advantages=a_b, logprobs=lp,
+                                                          old_logprobs=old.expand_as(lp), entropy=entropy.detach()))
             if custom_value is not None:
                 tau = torch.where(a_b > 0, torch.tensor(tau_pos, dtype=r.dtype), torch.tensor(tau_neg, dtype=r.dtype))
                 return custom_value(r, tau)
@@ -255,6 +374,10 @@ def reference_loss(
         })
     elif gate == "cispo":
         metrics["cispo_clip_ratio"] = trl_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype))
+    elif gate in ("dppo", "m2po"):
+        metrics[f"{gate}/masked_fraction"] = masked_mean((gate_value.detach() == 0).to(dtype))
+    elif gate == "bapo":
+        metrics["bapo/c_low"], metrics["bapo/c_high"] = (torch.tensor(c, dtype=dtype) for c in bapo_chosen)
     elif gate == "vespo":  # over the rows that have a valid token (TRL's would also average phi of empty rows)
         rows = mask.sum(-1) > 0
         metrics["vespo/phi_seq_mean"] = (phi[rows].mean() if phi.shape[1] == 1 else masked_mean(phi)) \

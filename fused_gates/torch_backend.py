@@ -10,6 +10,10 @@ Per chunk of ``n`` valid tokens (the loop, the plan and the gradient products ar
 3. dz: without an entropy term ``dz = diag(-g exp(m - lse)) exp(z - m) + g onehot`` takes the buffer as it is (the
    driver applies the row scale to the small operands); with one, ``p (-g - e (z - sum p z))`` is written over the
    logits and the one-hot part stays factored.
+
+A backward that recomputes where the forward formed no gradient (a batch statistic over several chunks, rows longer
+than a chunk) forms ``p = exp(z - lse)`` from the saved ``lse`` in one pass instead of step 2
+(:meth:`TorchChunks.gradient_from_lse`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .chunk_driver import Backend
-from .contract import ChunkGradient, ChunkStatistics, ChunkTargets, GradientNeeds
+from .contract import ChunkGradient, ChunkStatistics, ChunkTargets, GradientNeeds, SavedStatistics
 from .head import Head
 from .objective import ObjectiveConfig
 from .products import ProductOperands, mm_into
@@ -127,6 +131,29 @@ class TorchChunks:
             return ChunkGradient(logits, row_scale, target_grad, targets.read)
         return ChunkGradient(self._entropy_gradient(logits, stats, grad_logprobs, grad_entropy), None, target_grad,
                              targets.read)
+
+    def gradient_from_lse(self, hidden: Tensor, targets: ChunkTargets, saved: SavedStatistics) -> ChunkGradient:
+        """A recomputing backward's chunk where the forward formed no gradient: the product again, then dz from the
+        saved ``lse`` (no max, no sums): without an entropy term the buffer becomes ``p = exp(z - lse)`` (times the
+        soft-cap's slope) in one pass. (Where the forward formed the gradients, a repeated backward repeats the
+        forward's arithmetic instead, so that it reproduces them bit for bit.)"""
+        logits = self._logits(hidden)
+        n, vocab = logits.shape
+        alpha = self.softcap_alpha
+        target_logit = logits.gather(1, targets.read.unsqueeze(1)).squeeze(1)
+        self._target_slope = None if alpha is None else 1.0 - (target_logit / alpha).square()
+        self._max_logit = saved.log_sum_exp  # gradient() scales the buffer by exp(max - lse) = 1
+        if saved.grad_entropy is None:
+            lse_col = saved.log_sum_exp.unsqueeze(1)
+            for start in range(0, vocab, VOCAB_BLOCK):
+                block = logits[:, start : start + VOCAB_BLOCK]
+                width = block.shape[1]
+                slope = None if alpha is None else _softcap_slope(block, alpha, self.block_b[:n, :width])
+                block.sub_(lse_col).exp_()
+                if slope is not None:
+                    block.mul_(slope)
+        stats = ChunkStatistics(saved.log_sum_exp, saved.entropy, saved.log_sum_exp)  # logp is not read
+        return self.gradient(stats, targets, saved.grad_logprobs, saved.grad_entropy)
 
     def _entropy_gradient(self, logits: Tensor, stats: ChunkStatistics, grad_logprobs: Tensor,
                           grad_entropy: Tensor) -> Tensor:

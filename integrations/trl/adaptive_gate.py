@@ -169,6 +169,9 @@ def check_can_adapt(gate: str, has_off_policy_updates: bool) -> None:
         raise ValueError(f"adaptive gate temperature (gate_eur_target) needs a gate with a temperature; "
                          f"gate={resolved.name!r} has none: use sigmoid, erf, arctan, softsign or a registered "
                          "soft gate")
+    if resolved.reads_inputs:
+        raise ValueError(f"adaptive gate temperature (gate_eur_target) adapts gates of (r, tau); gate="
+                         f"{resolved.name!r} reads the token's other inputs too")
     if resolved.name not in SOFT_GATES:  # the built-in soft gates qualify by construction
         _check_derivative_falls_with_tau(resolved)
     if not has_off_policy_updates:

@@ -22,6 +22,14 @@ weight times the log-probability, not a ratio function to replace: use ``loss_ty
 aggregation), ``delta`` with a gate other than clip (it caps the clipped objective's unclipped term), gate
 temperatures for a gate without one (clip, cispo, vespo), and the adaptive temperature's settings without
 ``gate_eur_target``.
+
+The trust-region objectives that read more than the ratio (``gate="dppo"``, ``"m2po"``, ``"bapo"``, ``"aspo"``,
+``"gmpo"``: :mod:`fused_gates.gate_inputs`) take their hyperparameters as ``gate_dppo_delta``,
+``gate_m2po_threshold``, ``gate_bapo_rho``, ``gate_bapo_bounds``, ``gate_bapo_steps``, ``gate_aspo_dual_clip``,
+``gate_gmpo_epsilon`` (None: the paper's default), each refused with another gate; they are refused with
+``importance_sampling_level="sequence"`` (each defines its own ratio) and gmpo with ``use_bias_correction_kl``. ASPO's
+clip takes TRL's ``epsilon`` / ``epsilon_high``. M2PO's and BAPO's batch statistic is that of the micro-batch one
+process computes the loss on (as verl computes them).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from fused_gates import BACKENDS, NONFINITE_POLICIES, POLICY_OBJECTIVES, get_gate
+from fused_gates.gate_inputs import GATE_OPTIONS, resolve_input_parameters
 from fused_gates.validation import check_number
 
 TRL_OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -89,6 +98,28 @@ class GatedGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Upper bound of the adaptive temperature (default: the controller's)."}
     )
 
+    gate_dppo_delta: float | None = field(
+        default=None, metadata={"help": "gate='dppo': bound on |p - p_old| (default 0.15)."}
+    )
+    gate_m2po_threshold: float | None = field(
+        default=None, metadata={"help": "gate='m2po': bound tau_M2 on the second moment of log r (default 0.04)."}
+    )
+    gate_bapo_rho: float | None = field(
+        default=None, metadata={"help": "gate='bapo': target share rho_0 of positive tokens in the loss (0.5)."}
+    )
+    gate_bapo_bounds: list[float] | None = field(
+        default=None, metadata={"help": "gate='bapo': ranges (a-, b-, a+, b+) of c_low, c_high (0.6, 0.9, 1.2, 3)."}
+    )
+    gate_bapo_steps: list[float] | None = field(
+        default=None, metadata={"help": "gate='bapo': steps (delta_1, delta_2) of c_high, c_low (0.1, 0.05)."}
+    )
+    gate_aspo_dual_clip: float | None = field(
+        default=None, metadata={"help": "gate='aspo': soft dual clip c of the importance weight (default 3)."}
+    )
+    gate_gmpo_epsilon: float | None = field(
+        default=None, metadata={"help": "gate='gmpo': log-space clip range of the token ratios (default 0.4)."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         objective = resolve_objective(self)
@@ -104,6 +135,7 @@ class GateObjective:
     aggregation: str  # the fused loss's loss_type
     tau_pos: float | None  # None for a gate without temperature
     tau_neg: float | None
+    input_options: tuple[tuple[str, object], ...] = ()  # a gate that reads more than r: its given options
 
     @property
     def tempered(self) -> bool:
@@ -164,9 +196,35 @@ def resolve_objective(args: GatedGRPOConfig) -> GateObjective:
         problems.append(f"gate_on_nonfinite={args.gate_on_nonfinite!r}; choose one of "
                         f"{', '.join(NONFINITE_POLICIES)}")
     problems += _adaptive_problems(args)
+    input_options = {name: _as_tuple(getattr(args, f"gate_{name}")) for name in GATE_OPTIONS}
+    problems += _input_gate_problems(args, gate, input_options)
     if problems:
         raise ValueError("GatedGRPOConfig: this configuration has no meaning:\n- " + "\n- ".join(problems))
-    return GateObjective(gate, aggregation, tau_pos if tempered else None, tau_neg if tempered else None)
+    given = tuple((name, value) for name, value in input_options.items() if value is not None)
+    return GateObjective(gate, aggregation, tau_pos if tempered else None, tau_neg if tempered else None, given)
+
+
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _input_gate_problems(args: GatedGRPOConfig, gate: str, options: dict[str, object]) -> list[str]:
+    """The options of the gates that read more than r, checked by the core (names prefixed ``gate_``)."""
+    try:
+        resolved = get_gate(gate)
+    except (ValueError, TypeError):  # an unknown gate: refused above
+        return []
+    problems = []
+    try:
+        resolve_input_parameters(resolved, options)
+    except (TypeError, ValueError) as error:
+        problems.append(f"gate_{error}")
+    if resolved.reads_inputs and args.importance_sampling_level != "token":
+        problems.append(f"importance_sampling_level={args.importance_sampling_level!r}: gate={gate!r} defines its "
+                        "own ratio; only 'token' applies")
+    if resolved.whole_rows and args.use_bias_correction_kl and args.beta != 0:
+        problems.append(f"use_bias_correction_kl: gate={gate!r} has no token ratio to correct the KL with")
+    return problems
 
 
 def _has_temperature(gate: str) -> bool:

@@ -188,6 +188,7 @@ class GatedGRPOTrainer(GRPOTrainer):
             options["tau_pos"], options["tau_neg"] = self._gate_temperatures
         if args.delta is not None:  # the configuration refuses it for a gate other than clip
             options["delta"] = args.delta
+        options.update(objective.input_options)  # the options of a gate that reads more than r
         if objective.gate == "vespo":
             options["vespo_k"] = (args.vespo_k_pos, args.vespo_k_neg)
             options["vespo_lambda"] = (args.vespo_lambda_pos, args.vespo_lambda_neg)

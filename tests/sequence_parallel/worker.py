@@ -96,6 +96,12 @@ def option_cases(inputs) -> dict[str, dict]:
                                                        entropy_mask=entropy_mask, entropy_coef=0.03),
         "packed-vespo-sampling-ratio": dict(packed=True, gate="vespo", loss_type="dapo",
                                             sampling_ratio=sampling_ratio),
+        # the gates that read more than r and need no batch statistic (m2po and bapo are refused: check_errors)
+        "dppo-dapo": dict(gate="dppo", loss_type="dapo", dppo_delta=0.05),
+        "aspo-entropy-bonus": dict(gate="aspo", entropy_coef=0.02),
+        "gmpo-grpo": dict(gate="gmpo", gmpo_epsilon=0.3),
+        "gmpo-bnpo-group-size": dict(gate="gmpo", loss_type="bnpo", group_size=2),
+        "packed-gmpo": dict(packed=True, gate="gmpo"),
     }
 
 
@@ -285,7 +291,7 @@ def check_entropy_mask(inputs, shards: Shards, cols: slice, label: str) -> int:
     return ran
 
 
-ERROR_CASES = ("rows", "option", "advantages", "argument", "value", "logprobs-option")
+ERROR_CASES = ("rows", "option", "advantages", "argument", "value", "logprobs-option", "batch-statistic")
 
 
 def check_errors(inputs, shards: Shards) -> None:
@@ -306,6 +312,8 @@ def check_errors(inputs, shards: Shards) -> None:
             ids = ids[:, :-1]
         if case == "value" and last:
             h[0, -1, 0] = float("inf")
+        if case == "batch-statistic":
+            options["gate"] = "m2po"
         try:
             if case == "logprobs-option":
                 token_logprobs(h, inputs.weight, ids, mask, temperature=0.8 if last else 0.7,

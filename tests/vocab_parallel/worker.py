@@ -31,9 +31,15 @@ CASES = {
     "vespo-dapo": dict(gate="vespo", loss_type="dapo"),
     "erf-softcap-entropy": dict(gate="erf", logit_softcap=2.0, entropy_coef=0.05),
     "sigmoid-off-policy-mask": dict(gate="sigmoid", off_policy_mask_threshold=0.05),
+    "dppo-grpo-kl": dict(gate="dppo", beta=0.05, dppo_delta=0.01),
+    "m2po-bnpo-entropy": dict(gate="m2po", loss_type="bnpo", entropy_coef=0.05, m2po_threshold=0.02),
+    "bapo-dapo": dict(gate="bapo", loss_type="dapo"),
+    "aspo-grpo-kl": dict(gate="aspo", beta=0.05, use_bias_correction_kl=True),
+    "gmpo-luspo": dict(gate="gmpo", loss_type="luspo"),
 }
 # float32 and the Triton interpreter: a subset
-SUBSET = ("sigmoid-grpo-token", "erf-bnpo-sequence-kl", "arctan-dapo-entropy", "erf-softcap-entropy")
+SUBSET = ("sigmoid-grpo-token", "erf-bnpo-sequence-kl", "arctan-dapo-entropy", "erf-softcap-entropy",
+          "m2po-bnpo-entropy", "gmpo-luspo")
 BUDGETS = (0.004, 64.0)  # several chunks (two reductions each), and one
 FLOAT64, FLOAT32 = TOLERANCES[torch.float64], TOLERANCES[torch.float32]
 

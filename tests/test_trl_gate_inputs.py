@@ -1,0 +1,117 @@
+"""GatedGRPOTrainer with the gates that read more than the ratio: their options reach the loss, meaningless settings
+are refused with the configuration, and training logs finite metrics with each of them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("trl", reason="TRL (the 'trl' extra) is needed for the trainer tests")
+
+import trl_fixtures as fixtures
+
+import fused_gates.integrations.trl.trainer as gated_trl
+from fused_gates.gates import INPUT_GATES
+from fused_gates.integrations.trl import GatedGRPOConfig, GatedGRPOTrainer
+from fused_gates.integrations.trl.config import resolve_objective
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with fixtures.single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny") / "dense", "dense")
+
+
+def config(**options) -> GatedGRPOConfig:
+    return GatedGRPOConfig(output_dir="unused", report_to=[], use_cpu=True, bf16=False, **options)
+
+
+GIVEN = {
+    "dppo": dict(gate_dppo_delta=0.1),
+    "m2po": dict(gate_m2po_threshold=0.02),
+    "bapo": dict(gate_bapo_rho=0.4, gate_bapo_bounds=[0.7, 0.9, 1.2, 2.0], gate_bapo_steps=[0.2, 0.1]),
+    "aspo": dict(gate_aspo_dual_clip=4.0),
+    "gmpo": dict(gate_gmpo_epsilon=0.3),
+}
+
+
+@pytest.mark.parametrize("gate", INPUT_GATES)
+def test_options_of_each_input_gate_are_resolved_for_the_loss(gate):
+    objective = resolve_objective(config(gate=gate, loss_type="grpo", **GIVEN[gate]))
+    expected = {name.removeprefix("gate_"): tuple(v) if isinstance(v, list) else v for name, v in GIVEN[gate].items()}
+    assert (objective.gate, dict(objective.input_options)) == (gate, expected)
+    assert not objective.tempered
+
+
+MEANINGLESS = {
+    "option_of_another_gate": (dict(gate="sigmoid", gate_dppo_delta=0.1), "gate_dppo_delta: only applies"),
+    "option_without_gate": (dict(gate_m2po_threshold=0.1), "gate_m2po_threshold: only applies"),
+    "bad_delta": (dict(gate="dppo", gate_dppo_delta=0.0), "gate_dppo_delta: must be in"),
+    "bad_rho": (dict(gate="bapo", gate_bapo_rho=1.0), "gate_bapo_rho: must be in"),
+    "sequence_level": (dict(gate="aspo", importance_sampling_level="sequence"), "defines its own ratio"),
+    "gmpo_bias_correction": (dict(gate="gmpo", beta=0.1, use_bias_correction_kl=True), "no token ratio"),
+    "temperature": (dict(gate="m2po", gate_tau_pos=2.0), "gate 'm2po' has no temperature"),
+    "replacing_cispo": (dict(gate="dppo", loss_type="cispo"), "detached weight"),
+}
+
+
+@pytest.mark.parametrize("case", MEANINGLESS.values(), ids=MEANINGLESS.keys())
+def test_meaningless_settings_are_refused_with_the_configuration(case):
+    options, message = case
+    with pytest.raises(ValueError, match=message):
+        config(**options)
+
+
+@pytest.mark.parametrize("gate", INPUT_GATES)
+def test_training_with_each_input_gate_passes_its_options_and_logs_finite_metrics(gate, model_dir, tmp_path,
+                                                                                  monkeypatch):
+    seen = []
+    original = gated_trl.gated_policy_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gated_trl, "gated_policy_loss", recording)
+    trainer = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path,
+                             dict(gate=gate, loss_type="grpo", max_steps=2, **GIVEN[gate]))
+    logs = fixtures.step_logs(trainer)
+    assert len(logs) == 2
+    for entry in logs:
+        for key in ("loss", "eur", "gate/mean", "ratio/mean"):
+            assert math.isfinite(entry[key]), key
+    expected = {name.removeprefix("gate_"): tuple(v) if isinstance(v, list) else v for name, v in GIVEN[gate].items()}
+    assert seen and all(call["gate"] == gate for call in seen)
+    assert all(call.get(name) == value for call in seen for name, value in expected.items())
+
+
+def test_adaptive_temperature_refuses_a_gate_that_reads_more_than_r():
+    import torch
+
+    from fused_gates import register_input_gate, unregister_gate
+    from fused_gates.integrations.trl.adaptive_gate import check_can_adapt
+
+    def value(inputs):
+        tau = inputs.tau * (1 + inputs.entropy)
+        return torch.sigmoid(tau * (inputs.ratio - 1)) * 4 / tau
+
+    def derivative(inputs):
+        x = inputs.tau * (1 + inputs.entropy) * (inputs.ratio - 1)
+        return 4 * torch.sigmoid(x) * torch.sigmoid(-x)
+
+    register_input_gate("entropy_sigmoid_trl", value, derivative, check_taus=(1.0,), check_entropies=(1.0,),
+                        check_logprobs=(-1.0,))
+    try:
+        with pytest.raises(ValueError, match="reads the token's other inputs"):
+            check_can_adapt("entropy_sigmoid_trl", has_off_policy_updates=True)
+        for gate in INPUT_GATES:
+            with pytest.raises(ValueError, match="has none"):
+                check_can_adapt(gate, has_off_policy_updates=True)
+    finally:
+        unregister_gate("entropy_sigmoid_trl")
