@@ -17,12 +17,13 @@ from .backends import resolve_backend
 from .function import GatedPolicyLossFunction
 from .gates import Gate
 from .metrics import loss_metrics, nonfinite_tokens
-from .options import HeadOptions, LossOptions
+from .options import HeadOptions, LossOptions, SupportOptions
 from .self_check import use_public_functions
+from .support import check_support, kept_mass_metrics, scatter_kept_ids, support_backend, with_support
 from .tokens import plan_logprob_tokens, plan_loss_tokens
 
 __all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
-L, H = LossOptions, HeadOptions  # the defaults below are the options objects' own
+L, H, S = LossOptions, HeadOptions, SupportOptions  # the defaults below are the options objects' own
 
 
 @dataclass
@@ -45,6 +46,7 @@ class GatedPolicyLossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     kl: Tensor | None = None  # the KL term of the loss per token (times r with bias correction); 0 when beta == 0
     policy_weight: Tensor | None = None  # what multiplied the policy term: sampling ratio, entropy and off-policy masks
+    kept_mass: Tensor | None = None  # with a support: the trainer's probability mass on each token's support (S)
 
 
 def gated_policy_loss(
@@ -84,6 +86,10 @@ def gated_policy_loss(
     process_group: object | None = H.process_group,
     backend: str = H.backend,
     memory_budget_mb: float | None = H.memory_budget_mb,
+    kept_token_ids: Tensor | None = S.kept_token_ids,
+    top_k: int | Tensor | None = S.top_k,
+    top_p: float | Tensor | None = S.top_p,
+    min_p: float | Tensor | None = S.min_p,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -155,6 +161,10 @@ def gated_policy_loss(
             used) and gets a DTensor gradient. See :mod:`fused_gates.vocab_parallel` for the communication.
         memory_budget_mb: bound on the backend's working buffers (default 128 MiB on CPU; on CUDA 10% of the free
             memory within [256, 1792] MiB: :mod:`fused_gates.chunk_driver`); sets the token chunk size.
+        kept_token_ids: [B, T, K] the sampler's kept set of each token (-1 padding; the token itself must be in it):
+            log-probs, entropy, ratios and gradients over that support (:mod:`fused_gates.support`).
+        top_k, top_p, min_p: the support replayed on these logits as vLLM's sampler truncates (a number, or a [B]
+            tensor per row; ``top_k`` 0 / ``top_p`` 1 / ``min_p`` 0: no truncation). Not with ``kept_token_ids``.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -166,10 +176,16 @@ def gated_policy_loss(
     arguments = locals()
     batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(arguments))
     args = check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, LossOptions.collect(arguments))
+    request = check_support(SupportOptions.collect(arguments), batch.ids, batch.mask, batch.shape, batch.head.vocab,
+                            batch.device, logprob_pass=False)
     implementation = resolve_backend(batch.backend, batch.head, args.config)
     planned = plan_loss_tokens(batch, args)
 
     head = batch.head
+    support = None
+    if request is not None:
+        support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)
+        head, implementation = with_support(head, support), support_backend(implementation)
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
         planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, head.without_tensors(),
         implementation,
@@ -182,6 +198,10 @@ def gated_policy_loss(
     logprobs, entropies = plan.scatter(logp), plan.scatter(entropy)
     computed = plan.scatter(torch.ones_like(logp)) != 0
     metrics["nonfinite_tokens"] = nonfinite_tokens(planned.flagged, computed, logprobs, entropies)
+    kept_mass = None
+    if support is not None:
+        kept_mass = plan.scatter(support.kept_log_mass.exp())
+        metrics.update(kept_mass_metrics(support.kept_log_mass.exp(), tokens.mask))
     return GatedPolicyLossOutput(
         loss=loss,
         logprobs=logprobs,
@@ -193,6 +213,7 @@ def gated_policy_loss(
         metrics=metrics,
         kl=plan.scatter(kl) if args.config.beta != 0 else torch.zeros_like(logprobs),
         policy_weight=plan.scatter(policy_weight if _has_policy_weight(args, tokens) else torch.ones_like(logp)),
+        kept_mass=kept_mass,
     )
 
 
@@ -215,19 +236,44 @@ def token_logprobs(
     backend: str = H.backend,
     statistics_method: str = H.statistics_method,
     memory_budget_mb: float | None = H.memory_budget_mb,
-) -> tuple[Tensor, Tensor]:
+    kept_token_ids: Tensor | None = S.kept_token_ids,
+    top_k: int | Tensor | None = S.top_k,
+    top_p: float | Tensor | None = S.top_p,
+    min_p: float | Tensor | None = S.min_p,
+    return_kept_mass: bool = False,
+    return_kept_ids: int | None = S.return_kept_ids,
+) -> tuple[Tensor, ...]:
     """Per-token log-probs and entropies [B, T] (float32, 0 where masked) of ``completion_ids`` under the lm_head,
     without gradient and without materialising the logits: the old- and reference-policy passes of RL training.
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
     ``"raise"`` or ``"propagate"``, which gives NaN at such tokens). ``statistics_method`` (Triton backend only):
     ``"dot"`` (``tl.dot`` tiles, the logits never written), ``"cublas"`` (cuBLAS chunk products read back by a row
-    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.triton_backend.choose_statistics_method``)."""
-    batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(locals()),
+    kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.triton_backend.choose_statistics_method``).
+
+    The sampler's support (``kept_token_ids``, or ``top_k`` / ``top_p`` / ``min_p`` replayed as vLLM's sampler
+    truncates: :mod:`fused_gates.support`) renormalises the log-probs and entropies over each token's kept set.
+    ``return_kept_mass=True`` appends the trainer's mass on the support, S [B, T] (1 without a support);
+    ``return_kept_ids=K`` appends the replayed kept sets [B, T, K] (int64, largest logit first, -1 padding; a larger
+    support raises), for later passes to renormalise over the same sets with ``kept_token_ids``."""
+    arguments = locals()
+    batch = check_batch(hidden, weight, completion_ids, completion_mask, HeadOptions.collect(arguments),
                         nonfinite_policies=("raise", "propagate"))
+    request = check_support(SupportOptions.collect(arguments), batch.ids, batch.mask, batch.shape, batch.head.vocab,
+                            batch.device, logprob_pass=True)
     implementation = resolve_backend(batch.backend, batch.head, None)
     planned = plan_logprob_tokens(batch)
-    logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, batch.head)
-    return planned.plan.scatter(logp), planned.plan.scatter(entropy)
+    head, support = batch.head, None
+    if request is not None:
+        support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)
+        head, implementation = with_support(head, support), support_backend(implementation)
+    logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, head)
+    plan = planned.plan
+    out = [plan.scatter(logp), plan.scatter(entropy)]
+    if return_kept_mass:
+        out.append(plan.scatter(torch.ones_like(logp) if support is None else support.kept_log_mass.exp()))
+    if return_kept_ids is not None:
+        out.append(scatter_kept_ids(plan, support.kept_out, support.kept_count, return_kept_ids))
+    return tuple(out)
 
 
 use_public_functions(gated_policy_loss, token_logprobs)

@@ -107,11 +107,13 @@ def plan_loss_chunks(tokens: TokenData, rows: int, config: ObjectiveConfig) -> l
 # -- the vocabulary-parallel slice ---------------------------------------------------------------------------------
 
 
-def chunk_targets(head: Head, targets: Tensor) -> ChunkTargets:
+def chunk_targets(head: Head, targets: Tensor, rows: slice | None = None) -> ChunkTargets:
+    """The chunk ``rows``' targets (``targets`` already sliced) and, with a support, the chunk's part of it."""
+    support = None if head.support is None else head.support.select(rows)
     if head.shard is None:
-        return ChunkTargets(targets, None)
+        return ChunkTargets(targets, None, support)
     local, owned = head.shard.local_targets(targets)
-    return ChunkTargets(local, owned)
+    return ChunkTargets(local, owned, support)
 
 
 def global_statistics(head: Head, stats: ChunkStatistics, targets: Tensor) -> ChunkStatistics:
@@ -199,7 +201,7 @@ def logprobs_and_entropy(make: BackendFactory, hidden: Tensor, targets: Tensor, 
     backend, rows = _allocated(make, head, NO_GRADIENT, num_tokens)
     for chunk in token_chunks(num_tokens, rows):
         ids = targets[chunk]
-        stats = global_statistics(head, backend.statistics(hidden[chunk], chunk_targets(head, ids), None), ids)
+        stats = global_statistics(head, backend.statistics(hidden[chunk], chunk_targets(head, ids, chunk), None), ids)
         out[0][chunk], out[1][chunk], out[2][chunk] = stats.logprobs, stats.entropy, stats.log_sum_exp
     return tuple(out)
 
@@ -254,7 +256,7 @@ def loss_forward(
             step = fused(hidden[chunk], ids, chunk_tokens, config)
             stats, terms, dz = step.stats, step.terms, step.gradient
         else:
-            where = chunk_targets(head, ids)
+            where = chunk_targets(head, ids, chunk)
             stats = global_statistics(head, backend.statistics(hidden[chunk], where, keep), ids)
             terms = evaluate_objective(stats.logprobs, stats.entropy, chunk_tokens, config)
             dz = backend.gradient(stats, where, terms.grad_logprobs,
@@ -281,7 +283,7 @@ def recompute_gradients(
     keep = "exp" if saved.grad_entropy is None else "logits"
     for chunk in saved.chunks if saved.chunks is not None else token_chunks(num_tokens, rows):
         ids, chunk_saved = targets[chunk], saved.select(chunk)
-        where = chunk_targets(head, ids)
+        where = chunk_targets(head, ids, chunk)
         recompute = getattr(backend, "gradient_from_saved", None)
         if recompute is not None:
             dz = recompute(hidden[chunk], where, chunk_saved)

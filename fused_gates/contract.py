@@ -75,6 +75,7 @@ class ChunkTargets:
 
     read: Tensor  # the target's column in the slice, safe to load (0 where another rank owns the target)
     owned: Tensor | None  # bool: this rank owns the target (None: a whole head)
+    support: object | None = None  # the chunk's fused_gates.support.TokenSupport (None: the whole vocabulary)
 
     @property
     def one_hot(self) -> Tensor:

@@ -119,8 +119,8 @@ def plan_logprob_tokens(head: Batch) -> LogprobTokens:
     if head.on_nonfinite == "raise":
         bad = ~_finite_rows(head.hidden)
         checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, (bad if keep is None else bad & keep).sum()))
-    (count,) = run_value_checks(checks, None if keep is None else keep.sum())
-    plan = _plan(head.shape, keep, count)
+    counts = run_value_checks(checks, None if keep is None else keep.sum())
+    plan = _plan(head.shape, keep, counts[0] if counts else 0)  # no mask: no count read
     return LogprobTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids))
 
 
