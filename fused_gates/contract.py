@@ -96,9 +96,11 @@ class ChunkStatistics:
 @dataclass
 class ChunkGradient:
     """A chunk's logits gradient, factored: ``dz = diag(row_scale) matrix + target_grad onehot(targets)``
-    (``row_scale`` None: 1; ``target_grad`` None: the one-hot part is already in ``matrix``)."""
+    (``row_scale`` None: 1; ``target_grad`` None: the one-hot part is already in ``matrix``). ``matrix`` None: the
+    gradient is held by a few columns per token, ``targets`` [n, K] (-1: none) with values ``target_grad`` [n, K].
+    """
 
-    matrix: Tensor  # [n, local V], float32 or already in the products' operand dtype
+    matrix: Tensor | None  # [n, local V], float32 or already in the products' operand dtype
     row_scale: Tensor | None = None
     target_grad: Tensor | None = None
     targets: Tensor | None = None  # the one-hot columns (with target_grad)

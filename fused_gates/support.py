@@ -63,6 +63,9 @@ from .validation import check_number, fail
 REPLAY_CANDIDATES = 1024
 """Candidates per row (the largest logits, ``torch.topk``) among which the top-p cut is looked for; a row whose top-p
 set is larger is sorted whole (exact either way)."""
+SPARSE_SUPPORT_MAX = 1024
+"""A support of at most this many tokens per row is held as columns: its gradient reaches only those columns, so the
+backward needs no product over the vocabulary (``O(n K H)`` instead of ``O(n V H)``)."""
 EMPTY_SLICE_OFFSET = 1.0e4
 """A slice of a vocabulary-parallel head that holds none of a token's support reports ``lse`` this far below its own
 largest logit (a weight ``exp(-1e4) = 0`` in the reduction, without the ``0 * inf`` of a true ``-inf``)."""
@@ -200,20 +203,32 @@ def check_support(options: SupportOptions, ids: Tensor, mask: Tensor | None, sha
 # -- the replay ----------------------------------------------------------------------------------------------------
 
 
-def _gathered_candidates(values: Tensor, count: int, shard) -> Tensor:
-    """The ``count`` largest values of each row over the whole vocabulary, descending (a slice's candidates are
-    all-gathered and merged; rows shorter than ``count`` padded with -inf)."""
-    local = min(count, values.shape[1])
-    top = torch.topk(values, local, dim=1, sorted=True).values
+@dataclass
+class Candidates:
+    """Each row's largest logits: over the whole vocabulary (``values``, descending, merged across slices) and this
+    slice's own (``local_values`` descending, at columns ``local_columns``)."""
+
+    values: Tensor
+    local_values: Tensor
+    local_columns: Tensor
+
+
+def _gathered_candidates(logits: Tensor, count: int, shard) -> Candidates:
+    """The ``count`` largest logits of each row over the whole vocabulary (a slice's candidates are all-gathered and
+    merged; rows shorter than ``count`` padded with -inf)."""
+    local = min(count, logits.shape[1])
+    top = torch.topk(logits, local, dim=1, sorted=True)
     if shard is None:
-        return top
+        return Candidates(top.values, top.values, top.indices)
+    values = top.values
     width = min(count, shard.largest_slice)
     if local < width:
-        top = torch.cat([top, top.new_full((top.shape[0], width - local), -math.inf)], dim=1)
-    parts = [torch.empty_like(top) for _ in range(dist.get_world_size(shard.group))]
-    dist.all_gather(parts, top.contiguous(), group=shard.group)
+        values = torch.cat([values, values.new_full((values.shape[0], width - local), -math.inf)], dim=1)
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size(shard.group))]
+    dist.all_gather(parts, values.contiguous(), group=shard.group)
     merged = torch.cat(parts, dim=1)
-    return torch.topk(merged, min(count, merged.shape[1]), dim=1, sorted=True).values
+    merged = torch.topk(merged, min(count, merged.shape[1]), dim=1, sorted=True).values
+    return Candidates(merged, top.values, top.indices)
 
 
 def _top_p_cut(sorted_values: Tensor, floor: Tensor, top_p: Tensor, max_logit: Tensor, floor_mass: Tensor
@@ -233,13 +248,19 @@ def _top_p_cut(sorted_values: Tensor, floor: Tensor, top_p: Tensor, max_logit: T
     return tau, count
 
 
-def _floor_mass(logits: Tensor, floor: Tensor, max_logit: Tensor, shard) -> Tensor:
-    """``sum_{z_v >= floor} exp(z_v - max)`` over the whole vocabulary (one masked pass)."""
-    total = logits.new_zeros(logits.shape[0])
-    for start in range(0, logits.shape[1], VOCAB_BLOCK):
+def _mass(logits: Tensor, max_logit: Tensor, shard, floor: Tensor | None = None,
+          scratch: Tensor | None = None) -> Tensor:
+    """``sum_{z_v >= floor} exp(z_v - max)`` over the whole vocabulary (one pass; every column without ``floor``)."""
+    n, local = logits.shape
+    total = logits.new_zeros(n)
+    max_col = max_logit.unsqueeze(1)
+    for start in range(0, local, VOCAB_BLOCK):
         block = logits[:, start:start + VOCAB_BLOCK]
-        weights = torch.exp(block - max_logit.unsqueeze(1))
-        total += torch.where(block >= floor.unsqueeze(1), weights, torch.zeros((), dtype=weights.dtype)).sum(1)
+        out = None if scratch is None else scratch[:n, : block.shape[1]]
+        weights = torch.exp(torch.sub(block, max_col, out=out), out=out)
+        if floor is not None:
+            weights = torch.where(block >= floor.unsqueeze(1), weights, torch.zeros((), dtype=weights.dtype))
+        total += weights.sum(1)
     if shard is not None:
         shard.all_reduce(total)
     return total
@@ -257,10 +278,19 @@ def _whole_rows(logits: Tensor, shard) -> Tensor:
     return torch.sort(logits, dim=1, descending=True).values
 
 
+@dataclass
+class Replay:
+    """A replayed support: ``{v : z_v >= tau}`` per row; ``candidates`` hold it whole where ``complete``."""
+
+    tau: Tensor
+    candidates: Candidates | None
+    complete: Tensor | None  # [n] bool: every token at or above tau is among the candidates
+
+
 def replay_threshold(logits: Tensor, max_logit: Tensor, full_mass: Tensor, support: TokenSupport, vocab: int,
-                     shard=None) -> tuple[Tensor, int]:
-    """``(tau, overflow rows)``: each row's replayed support is ``{v : z_v >= tau}``. ``max_logit`` is the whole
-    vocabulary's largest logit and ``full_mass`` its ``sum exp(z - max)`` (global under a vocabulary-parallel head)."""
+                     shard=None) -> Replay:
+    """Each row's replayed support ``{v : z_v >= tau}``. ``max_logit`` is the whole vocabulary's largest logit and
+    ``full_mass`` its ``sum exp(z - max)`` (global under a vocabulary-parallel head)."""
     n = logits.shape[0]
     dtype, device = logits.dtype, logits.device
     floor = torch.full((n,), -math.inf, dtype=dtype, device=device)
@@ -273,40 +303,49 @@ def replay_threshold(logits: Tensor, max_logit: Tensor, full_mass: Tensor, suppo
     # one host read sizes the candidates (the largest k that cuts, and whether any row cuts with top-p)
     k_cut = 0 if k is None else int(torch.where(k < vocab, k, torch.zeros_like(k)).max())
     any_p = needs_p is not None and bool(needs_p.any())
-    count = min(vocab, max(k_cut, REPLAY_CANDIDATES if any_p else 0))
-    if count == 0:
-        return floor, 0
+    count = min(vocab, max(k_cut, REPLAY_CANDIDATES))
     candidates = _gathered_candidates(logits, count, shard)
+    values = candidates.values
     if k_cut:
-        kth = candidates.gather(1, (k.clamp(max=count) - 1).unsqueeze(1)).squeeze(1)
+        kth = values.gather(1, (k.clamp(max=count) - 1).unsqueeze(1)).squeeze(1)
         floor = torch.where(k < vocab, torch.maximum(floor, kth), floor)
-    if not any_p:
-        return floor, 0
-    top_p = support.top_p.to(dtype)
     # the candidates hold every token at or above the floor when their smallest is below it (or they are all)
-    complete = (candidates[:, -1] < floor) | (count == vocab)
+    complete = (values[:, -1] < floor) | (count == vocab)
+    if not any_p:
+        return Replay(floor, candidates, complete)
+    top_p = support.top_p.to(dtype)
     if bool(complete.all()):
-        within = torch.where(candidates >= floor.unsqueeze(1), torch.exp(candidates - max_logit.unsqueeze(1)), 0.0)
+        within = torch.where(values >= floor.unsqueeze(1), torch.exp(values - max_logit.unsqueeze(1)), 0.0)
         floor_mass = torch.where(floor == -math.inf, full_mass, within.sum(1))
     else:
-        floor_mass = torch.where(floor == -math.inf, full_mass, _floor_mass(logits, floor, max_logit, shard))
-    tau, kept = _top_p_cut(candidates, floor, top_p, max_logit, floor_mass)
+        floor_mass = torch.where(floor == -math.inf, full_mass, _mass(logits, max_logit, shard, floor))
+    tau, kept = _top_p_cut(values, floor, top_p, max_logit, floor_mass)
     overflow = needs_p & ~complete & (kept == count)
-    overflow_rows = int(overflow.sum())
-    if overflow_rows:
+    if bool(overflow.any()):
         rows = overflow.nonzero().squeeze(1)
         whole = _whole_rows(logits.index_select(0, rows), shard)
         row_tau, _ = _top_p_cut(whole, floor[rows], top_p[rows], max_logit[rows], floor_mass[rows])
         tau = tau.index_copy(0, rows, row_tau)
-    return torch.where(needs_p, torch.maximum(floor, tau), floor), overflow_rows
+    tau = torch.where(needs_p, torch.maximum(floor, tau), floor)
+    return Replay(tau, candidates, (values[:, -1] < tau) | (count == vocab))
 
 
 # -- the chunks ----------------------------------------------------------------------------------------------------
 
 
+def _unique_columns(columns: Tensor) -> Tensor:
+    """Each row's columns with repeats (and the -1 padding) as -1, the others first."""
+    ordered = torch.sort(columns, dim=1, descending=True).values
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return torch.where(repeated, torch.full_like(ordered, -1), ordered)
+
+
 class SupportChunks:
     """The chunk driver's contract with a support: the torch backend's logits buffer (whatever backend was asked for:
-    see :func:`support_backend`), a kept mask beside it, and the support's statistics and dz over it."""
+    see :func:`support_backend`) and the support's statistics and dz over it. A support of at most
+    :data:`SPARSE_SUPPORT_MAX` tokens per row is held as columns (its statistics from the gathered logits, its
+    gradient as those columns: no backward product over the vocabulary); a larger one as a mask beside the buffer."""
 
     def __init__(self, head: Head, needs: GradientNeeds):
         self.head = head
@@ -326,45 +365,75 @@ class SupportChunks:
     def dz_operand(self, matrix: Tensor) -> Tensor:
         return self.inner.dz_operand(matrix)
 
-    def _kept_mask(self, logits: Tensor, targets: ChunkTargets, support: TokenSupport, max_logit: Tensor,
-                   full_mass: Tensor) -> Tensor:
+    def _dense_mask(self, columns: Tensor) -> Tensor:
+        n, local = columns.shape[0], self.head.local_vocab
+        mask = self.mask[:n]
+        mask.zero_().scatter_(1, torch.where(columns >= 0, columns, torch.full_like(columns, local)), True)
+        return mask[:, :local]
+
+    def _support(self, logits: Tensor, targets: ChunkTargets, support: TokenSupport, max_logit: Tensor,
+                 full_mass: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(columns [n, K] (-1: none), None)`` for a support held as columns, ``(None, mask [n, local V])`` else."""
         n, local = logits.shape
         shard = self.head.shard
-        mask = self.mask[:n]
         if support.kept_ids is not None:
-            ids = support.kept_ids
-            if shard is not None:
-                ids = ids - shard.offset
-            ids = torch.where((ids >= 0) & (ids < local), ids, torch.full_like(ids, local))
-            mask.zero_().scatter_(1, ids, True)
-            return mask[:, :local]
-        tau, _ = replay_threshold(logits, max_logit, full_mass, support, self.head.vocab, shard)
-        kept = torch.ge(logits, tau.unsqueeze(1), out=mask[:, :local])
+            ids = support.kept_ids if shard is None else support.kept_ids - shard.offset
+            columns = torch.where((ids >= 0) & (ids < local), ids, torch.full_like(ids, -1))
+            if columns.shape[1] <= SPARSE_SUPPORT_MAX:
+                return _unique_columns(columns), None
+            return None, self._dense_mask(columns)
+        replay = replay_threshold(logits, max_logit, full_mass, support, self.head.vocab, shard)
         owned = torch.ones_like(targets.read, dtype=torch.bool) if targets.owned is None else targets.owned
+        local_values, local_columns = replay.candidates.local_values, replay.candidates.local_columns
+        if local_values.shape[1] <= SPARSE_SUPPORT_MAX and bool(replay.complete.all()):
+            kept = local_values >= replay.tau.unsqueeze(1)
+            width = int(kept.sum(1).max()) if n else 0
+            columns = torch.where(kept, local_columns, torch.full_like(local_columns, -1))[:, :width]
+            # the target is always kept (the sampler drew it)
+            missing = owned & ~(columns == targets.read.unsqueeze(1)).any(1)
+            target = torch.where(missing, targets.read, torch.full_like(targets.read, -1))
+            return torch.cat([columns, target.unsqueeze(1)], dim=1), None
+        mask = self.mask[:n]
+        kept = torch.ge(logits, replay.tau.unsqueeze(1), out=mask[:, :local])
         kept.scatter_(1, targets.read.unsqueeze(1), owned.unsqueeze(1) | kept.gather(1, targets.read.unsqueeze(1)))
-        return kept
+        return None, kept
 
     def statistics(self, hidden: Tensor, targets: ChunkTargets, keep: str | None) -> ChunkStatistics:
         support: TokenSupport = targets.support
         logits = self.inner._logits(hidden)
         n, local = logits.shape
         shard = self.head.shard
+        dtype = logits.dtype
+        zero = torch.zeros((), dtype=dtype, device=logits.device)
         local_max = logits.amax(dim=1)
         max_logit = local_max if shard is None else shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-        full_mass = _floor_mass(logits, torch.full_like(max_logit, -math.inf), max_logit, shard)
-        kept = self._kept_mask(logits, targets, support, max_logit, full_mass)
+        full_mass = _mass(logits, max_logit, shard, scratch=self.inner.block_a)
+        columns, kept = self._support(logits, targets, support, max_logit, full_mass)
+        self.columns = columns
         # the support's statistics over this slice, relative to the slice's largest kept logit
-        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        kept_max = torch.where(kept, logits, torch.full((), -math.inf, dtype=logits.dtype)).amax(dim=1)
-        empty = kept_max == -math.inf
-        kept_max = torch.where(empty, local_max, kept_max)
-        sum_exp, sum_exp_shifted = logits.new_zeros(n), logits.new_zeros(n)
-        for start in range(0, local, VOCAB_BLOCK):
-            block, block_kept = logits[:, start:start + VOCAB_BLOCK], kept[:, start:start + VOCAB_BLOCK]
-            shifted = block - kept_max.unsqueeze(1)
-            weights = torch.where(block_kept, torch.exp(shifted), zero)
-            sum_exp += weights.sum(1)
-            sum_exp_shifted += (weights * shifted).sum(1)
+        if columns is not None:
+            valid = columns >= 0
+            values = logits.gather(1, torch.where(valid, columns, torch.zeros_like(columns)))
+            self.column_values = values
+            kept_max = torch.where(valid, values, torch.full((), -math.inf, dtype=dtype)).amax(dim=1)
+            empty = kept_max == -math.inf
+            kept_max = torch.where(empty, local_max, kept_max)
+            shifted = values - kept_max.unsqueeze(1)
+            weights = torch.where(valid, torch.exp(shifted), zero)
+            sum_exp, sum_exp_shifted = weights.sum(1), (weights * shifted).sum(1)
+            count = valid.sum(1)
+        else:
+            kept_max = torch.where(kept, logits, torch.full((), -math.inf, dtype=dtype)).amax(dim=1)
+            empty = kept_max == -math.inf
+            kept_max = torch.where(empty, local_max, kept_max)
+            sum_exp, sum_exp_shifted = logits.new_zeros(n), logits.new_zeros(n)
+            for start in range(0, local, VOCAB_BLOCK):
+                block, block_kept = logits[:, start:start + VOCAB_BLOCK], kept[:, start:start + VOCAB_BLOCK]
+                shifted = block - kept_max.unsqueeze(1)
+                weights = torch.where(block_kept, torch.exp(shifted), zero)
+                sum_exp += weights.sum(1)
+                sum_exp_shifted += (weights * shifted).sum(1)
+            count = kept.sum(1)
         safe = torch.where(empty, torch.ones_like(sum_exp), sum_exp)
         log_sum = torch.log(safe)
         log_sum_exp = torch.where(empty, local_max - EMPTY_SLICE_OFFSET, kept_max + log_sum)
@@ -373,15 +442,14 @@ class SupportChunks:
         logprobs = torch.where(empty, zero, target_logit - log_sum_exp)
         # the kept mass S = (support's mass) / (vocabulary's mass), both relative to the global maximum
         kept_mass = torch.where(empty, zero, sum_exp * torch.exp(kept_max - max_logit))
-        count = kept.sum(1)
         if shard is not None:
-            packed = torch.stack([kept_mass, count.to(kept_mass.dtype)])
+            packed = torch.stack([kept_mass, count.to(dtype)])
             shard.all_reduce(packed)
             kept_mass, count = packed[0], packed[1].round().long()
         support.kept_log_mass.copy_(torch.log(kept_mass) - torch.log(full_mass))
         support.kept_count.copy_(count)
         if support.kept_out is not None:
-            self._write_kept_ids(logits, kept, support.kept_out)
+            self._write_kept_ids(logits, kept if columns is None else self._dense_mask(columns), support.kept_out)
         self._target_logit = target_logit
         return ChunkStatistics(logprobs, entropy, log_sum_exp)
 
@@ -412,16 +480,31 @@ class SupportChunks:
     def gradient(self, stats: ChunkStatistics, targets: ChunkTargets, grad_logprobs: Tensor,
                  grad_entropy: Tensor | None) -> ChunkGradient:
         """``dz_v = p_v (-g - e (z_v - mean_p z)) + g 1[v = y]`` with the support's ``p`` (0 outside the support),
-        times the soft-cap's slope; the one-hot part stays factored."""
+        times the soft-cap's slope: over the support's columns, or written over the buffer (one-hot factored)."""
         n = grad_logprobs.shape[0]
-        logits = self.inner.logits[:n]
-        kept = self.mask[:n, : logits.shape[1]]
         alpha = self.inner.softcap_alpha
-        lse = stats.log_sum_exp.unsqueeze(1)
+        target_grad = grad_logprobs
+        if alpha is not None:
+            target_grad = target_grad * (1.0 - (self._target_logit / alpha).square())
+        if targets.owned is not None:
+            target_grad = target_grad * targets.owned
         offset = -grad_logprobs
         if grad_entropy is not None:
             offset = offset + grad_entropy * (stats.log_sum_exp - stats.entropy)
         offset = offset.unsqueeze(1)
+        lse = stats.log_sum_exp.unsqueeze(1)
+        if self.columns is not None:
+            columns, values = self.columns, self.column_values
+            valid = columns >= 0
+            coefficient = offset if grad_entropy is None else values * (-grad_entropy).unsqueeze(1) + offset
+            if alpha is not None:
+                coefficient = coefficient * (1.0 - (values / alpha).square())
+            grad = torch.where(valid, torch.exp(values - lse) * coefficient, torch.zeros((), dtype=values.dtype))
+            is_target = valid & (columns == targets.read.unsqueeze(1))
+            grad = grad + torch.where(is_target, target_grad.unsqueeze(1), torch.zeros((), dtype=values.dtype))
+            return ChunkGradient(None, None, grad, columns)
+        logits = self.inner.logits[:n]
+        kept = self.mask[:n, : logits.shape[1]]
         zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
         for start in range(0, logits.shape[1], VOCAB_BLOCK):
             block, block_kept = logits[:, start:start + VOCAB_BLOCK], kept[:, start:start + VOCAB_BLOCK]
@@ -430,11 +513,6 @@ class SupportChunks:
                 coefficient = coefficient * _softcap_slope(block, alpha, torch.empty_like(block))
             probability = torch.where(block_kept, torch.exp(block - lse), zero)
             torch.mul(probability, coefficient, out=block)
-        target_grad = grad_logprobs
-        if alpha is not None:
-            target_grad = target_grad * (1.0 - (self._target_logit / alpha).square())
-        if targets.owned is not None:
-            target_grad = target_grad * targets.owned
         return ChunkGradient(logits, None, target_grad, targets.read)
 
 

@@ -67,6 +67,17 @@ def kept_ids_of(mask, pad_to: int | None = None):
     return ids
 
 
+LAYOUTS = {"columns": None, "mask": 0}  # a support held as columns (the default here), or as a mask (forced)
+
+
+@pytest.fixture(params=LAYOUTS.values(), ids=LAYOUTS.keys())
+def layout(request, monkeypatch):
+    """Runs a test with the support as columns and as a dense mask beside the logits buffer."""
+    if request.param is not None:
+        monkeypatch.setattr(support_module, "SPARSE_SUPPORT_MAX", request.param)
+    return request.param
+
+
 def compare(inputs, support_options: dict, kept_mask, *, dtype=torch.float64, backend="torch", tolerance=None,
             bias=True, **options):
     ours = run_loss(inputs, dtype=dtype, backend=backend, bias=bias, **options, **support_options)
@@ -83,7 +94,7 @@ def compare(inputs, support_options: dict, kept_mask, *, dtype=torch.float64, ba
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("gate", PAPER_GATES + POLICY_OBJECTIVES)
-def test_kept_sets_match_reference_for_every_gate_and_loss_type(gate, loss_type):
+def test_kept_sets_match_reference_for_every_gate_and_loss_type(gate, loss_type, layout):
     inputs = make_inputs(vocab=29, seed=zlib.crc32(f"kept-{gate}-{loss_type}".encode()) % 1000)
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(4, 7, 29, generator=g) < 0.4
@@ -94,7 +105,7 @@ def test_kept_sets_match_reference_for_every_gate_and_loss_type(gate, loss_type)
 
 @pytest.mark.parametrize("replay", REPLAYS.values(), ids=REPLAYS.keys())
 @pytest.mark.parametrize("gate", PAPER_GATES)
-def test_replayed_support_matches_reference_for_every_gate(gate, replay):
+def test_replayed_support_matches_reference_for_every_gate(gate, replay, layout):
     inputs = make_inputs(batch=5, length=6, vocab=43, seed=zlib.crc32(f"replay-{gate}".encode()) % 1000)
     mask = replayed_mask(inputs, temperature=OPTIONS["temperature"], **replay)
     assert not mask.all(), "the replay must truncate somewhere for the test to mean anything"
@@ -110,7 +121,7 @@ def test_replayed_support_matches_reference_for_every_loss_type(loss_type, level
     compare(inputs, replay, mask, gate="sigmoid", loss_type=loss_type, importance_sampling_level=level, **OPTIONS)
 
 
-def test_per_row_options_match_reference_with_softcap():
+def test_per_row_options_match_reference_with_softcap(layout):
     inputs = make_inputs(batch=4, length=5, vocab=37, seed=21)
     replay = dict(top_k=torch.tensor([0, 3, 40, 7]), top_p=torch.tensor([0.6, 1.0, 0.9, 0.75], dtype=torch.float64),
                   min_p=torch.tensor([0.0, 0.2, 0.05, 0.0], dtype=torch.float64))
@@ -118,14 +129,14 @@ def test_per_row_options_match_reference_with_softcap():
     compare(inputs, replay, mask, gate="erf", temperature=0.9, logit_softcap=2.5, entropy_coef=0.02)
 
 
-def test_float32_replay_matches_reference():
+def test_float32_replay_matches_reference(layout):
     inputs = make_inputs(batch=5, length=6, vocab=43, seed=33)
     replay = REPLAYS["all_three"]
     mask = replayed_mask(inputs, dtype=torch.float32, temperature=OPTIONS["temperature"], **replay)
     compare(inputs, replay, mask, dtype=torch.float32, gate="softsign", **OPTIONS)
 
 
-def test_gradient_reaches_only_the_support():
+def test_gradient_reaches_only_the_support(layout):
     inputs = make_inputs(batch=3, length=4, vocab=31, seed=4, masked_row=False)
     ours = run_loss(inputs, gate="sigmoid", top_k=2, bias=True)
     mask = replayed_mask(inputs, top_k=2)
@@ -255,7 +266,7 @@ def test_top_p_beyond_the_candidates_is_exact(monkeypatch, candidates, replay):
     compare(inputs, replay, mask, gate="arctan", memory_budget_mb=0.002)
 
 
-def test_returned_kept_sets_reproduce_the_replay():
+def test_returned_kept_sets_reproduce_the_replay(layout):
     """Replayed once (the old policy's pass), then renormalised over the same sets in the loss."""
     inputs = make_inputs(batch=4, length=6, vocab=41, seed=17)
     replay = dict(top_p=0.85, top_k=15)
@@ -278,7 +289,7 @@ def test_returning_more_kept_ids_than_the_bound_raises():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_both_backends_run_the_support(backend):
+def test_both_backends_run_the_support(backend, layout):
     """The Triton backend routes a call with a support to the shared buffer path (interpreted here)."""
     inputs = make_inputs(batch=3, length=5, vocab=37, seed=9)
     replay = dict(top_p=0.8)

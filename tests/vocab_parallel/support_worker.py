@@ -58,12 +58,15 @@ def main() -> None:
         (out, *_), (whole, *_) = results
         check(f"{label} kept_mass", out.kept_mass, whole.kept_mass, tolerance.per_token)
 
-    for candidates in (support.REPLAY_CANDIDATES, 2):  # 2: every top-p row past the candidates (whole rows gathered)
-        support.REPLAY_CANDIDATES = candidates
+    # the support as columns (default) and as a mask; 2 candidates: every top-p row past them (whole rows gathered)
+    for candidates, sparse in ((support.REPLAY_CANDIDATES, support.SPARSE_SUPPORT_MAX), (support.REPLAY_CANDIDATES, 0),
+                               (2, support.SPARSE_SUPPORT_MAX)):
+        support.REPLAY_CANDIDATES, support.SPARSE_SUPPORT_MAX = candidates, sparse
         for name, options in cases.items():
             for budget in (0.004, 64.0):
                 compare_with_mass(run_case(inputs, rows, options, torch.float64, "torch", budget, group),
-                                  f"float64 {name} candidates={candidates} budget={budget}", TOLERANCES[torch.float64])
+                                  f"float64 {name} candidates={candidates} sparse={sparse} budget={budget}",
+                                  TOLERANCES[torch.float64])
     compare_with_mass(run_case(inputs, rows, CASES["all_three-softcap-kl"], torch.float32, "triton", 0.004, group),
                       "triton float32 all_three", TOLERANCES[torch.float32])
     h, w, b = inputs.leaves(torch.float64)
