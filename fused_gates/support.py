@@ -32,10 +32,19 @@ where nothing truncates takes the full-vocabulary path itself (bitwise the same 
 (one exp pass, as the full-vocabulary path), the support statistics (a masked pass), and for the threshold one
 ``torch.topk`` of ``max(k, REPLAY_CANDIDATES)`` candidates per row (a partial selection, ``O(V)`` per row); the top-p
 cut is found among those candidates (a sorted cumulative sum). A row whose top-p set reaches past the candidates is
-resolved exactly by one full sort of that row (``O(V log V)``; the host reads whether any row overflows); with a
-``min_p`` or ``top_k`` floor below the candidates, one more masked pass gives the floor's mass. Under a
-vocabulary-parallel head each rank takes its slice's candidates and they are all-gathered (``n x world x K`` floats;
-an overflow row's whole logits are all-gathered).
+resolved exactly by histograms of its mass over the logits' values (:func:`_histogram_cut`: one pass over the row
+per level, at most :data:`HISTOGRAM_LEVELS` levels, usually one, then a sort of the few hundred tokens of the cut's
+bin); with a ``min_p`` or ``top_k`` floor below the candidates, one more masked pass gives the floor's mass. The host
+reads a few integers per chunk (the largest ``k``, whether rows overflow, the bins' counts). Under a
+vocabulary-parallel head each rank takes its slice's candidates and they are all-gathered (``n x world x K`` floats);
+the histograms are all-reduced.
+
+**Layout of the support.** A support of at most :data:`SPARSE_SUPPORT_MAX` tokens per row (given kept sets, or a
+replay whose support lies within the candidates: top-k, or top-p / min-p on a peaked distribution) is held as
+columns: its statistics come from the gathered logits and its gradient reaches only those columns, so the backward
+products over the vocabulary vanish (``O(n K H)`` gathers instead of two ``2 n V H`` products: cheaper than the
+full-vocabulary step). A larger support is a mask beside the logits buffer (the full step's products plus a few
+elementwise passes).
 
 **Kept sets returned.** ``token_logprobs(..., return_kept_ids=K)`` gives each token's support as ids [B, T, K] (largest
 logit first, -1 padding); a support larger than ``K`` raises, naming ``return_kept_ids``: a truncated set would change
@@ -62,7 +71,15 @@ from .validation import check_number, fail
 
 REPLAY_CANDIDATES = 1024
 """Candidates per row (the largest logits, ``torch.topk``) among which the top-p cut is looked for; a row whose top-p
-set is larger is sorted whole (exact either way)."""
+set is larger takes the histograms (exact either way)."""
+HISTOGRAM_BINS = 2048
+HISTOGRAM_LEVELS = 4
+HISTOGRAM_FINISH = 512
+HISTOGRAM_ROWS = 32
+"""A top-p set larger than the candidates: histograms of the mass over the values, :data:`HISTOGRAM_BINS` bins a
+level, at most :data:`HISTOGRAM_LEVELS` levels (one pass over the row each), until the cut's bin holds at most
+:data:`HISTOGRAM_FINISH` tokens (then sorted); :data:`HISTOGRAM_ROWS` rows at a time (their ``exp`` and bin
+indices: ``HISTOGRAM_ROWS x V`` floats and integers)."""
 SPARSE_SUPPORT_MAX = 1024
 """A support of at most this many tokens per row is held as columns: its gradient reaches only those columns, so the
 backward needs no product over the vocabulary (``O(n K H)`` instead of ``O(n V H)``)."""
@@ -266,16 +283,56 @@ def _mass(logits: Tensor, max_logit: Tensor, shard, floor: Tensor | None = None,
     return total
 
 
-def _whole_rows(logits: Tensor, shard) -> Tensor:
-    """Whole rows of logits over the vocabulary, sorted descending (a slice's rows are all-gathered)."""
-    if shard is not None:
-        width = shard.largest_slice
-        padded = logits.new_full((logits.shape[0], width), -math.inf)
-        padded[:, : logits.shape[1]] = logits
-        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(shard.group))]
-        dist.all_gather(parts, padded, group=shard.group)
-        logits = torch.cat(parts, dim=1)
-    return torch.sort(logits, dim=1, descending=True).values
+def _histogram_cut(logits: Tensor, floor: Tensor, top_p: Tensor, max_logit: Tensor, floor_mass: Tensor,
+                   shard) -> Tensor:
+    """``tau_p`` of rows whose top-p set is larger than the candidates, exactly, by histograms of the mass over the
+    logits' values: each level splits the window that holds the cut into :data:`HISTOGRAM_BINS` bins (one pass: a bin
+    index and two scatter-adds per logit; under a vocabulary-parallel head the histograms are all-reduced), until the
+    cut's bin holds at most :data:`HISTOGRAM_FINISH` tokens, which are then sorted (a masked ``topk``)."""
+    n = logits.shape[0]
+    dtype, device = logits.dtype, logits.device
+    bins = HISTOGRAM_BINS
+    target = top_p * floor_mass
+    high = max_logit.unsqueeze(1)
+    valid_floor = floor > -math.inf
+    low_local = logits.amin(1)
+    low = low_local if shard is None else shard.all_reduce(low_local.clone(), dist.ReduceOp.MIN)
+    low = torch.where(valid_floor, torch.maximum(floor, low), low).unsqueeze(1)
+    weights = torch.exp(logits - high)
+    member = logits >= low
+    above = torch.zeros(n, dtype=dtype, device=device)  # the mass of the tokens above the window
+    count = None
+    for _ in range(HISTOGRAM_LEVELS):
+        width = ((high - low) / bins).clamp(min=torch.finfo(dtype).tiny)
+        index = ((high - logits) / width).floor_().clamp_(0, bins - 1).long()
+        index = torch.where(member, index, torch.full_like(index, bins))
+        packed = torch.zeros(2, n, bins + 1, dtype=dtype, device=device)
+        packed[0].scatter_add_(1, index, weights)
+        packed[1].scatter_add_(1, index, member.to(dtype))
+        if shard is not None:
+            shard.all_reduce(packed)
+        mass, counts = packed[0, :, :bins], packed[1, :, :bins]
+        cumulative = above.unsqueeze(1) + torch.cumsum(mass, dim=1)
+        cut = (cumulative < target.unsqueeze(1)).sum(1).clamp(max=bins - 1)  # the first bin reaching the target
+        at_cut = cut.unsqueeze(1)
+        above = cumulative.gather(1, at_cut).squeeze(1) - mass.gather(1, at_cut).squeeze(1)
+        count = counts.gather(1, cut.unsqueeze(1)).squeeze(1)
+        member &= index == cut.unsqueeze(1)
+        high, low = high - cut.unsqueeze(1) * width, high - (cut.unsqueeze(1) + 1) * width
+        if int(count.max()) <= HISTOGRAM_FINISH:
+            break
+    # the cut's bin, sorted: its tokens' mass strictly above each is `above` plus the larger ones' (ties together)
+    finish = max(1, int(count.max()))
+    candidates = _gathered_candidates(torch.where(member, logits, torch.full((), -math.inf, dtype=dtype)), finish,
+                                      shard).values
+    in_bin = candidates > -math.inf
+    bin_weights = torch.where(in_bin, torch.exp(candidates - max_logit.unsqueeze(1)), torch.zeros((), dtype=dtype))
+    exclusive = torch.cumsum(bin_weights, dim=1) - bin_weights
+    negated = (-candidates).contiguous()
+    first = torch.searchsorted(negated, negated, right=False).clamp(max=candidates.shape[1] - 1)
+    kept = in_bin & (above.unsqueeze(1) + exclusive.gather(1, first) < target.unsqueeze(1))
+    last = (kept.sum(1) - 1).clamp(min=0)
+    return candidates.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 @dataclass
@@ -323,9 +380,11 @@ def replay_threshold(logits: Tensor, max_logit: Tensor, full_mass: Tensor, suppo
     overflow = needs_p & ~complete & (kept == count)
     if bool(overflow.any()):
         rows = overflow.nonzero().squeeze(1)
-        whole = _whole_rows(logits.index_select(0, rows), shard)
-        row_tau, _ = _top_p_cut(whole, floor[rows], top_p[rows], max_logit[rows], floor_mass[rows])
-        tau = tau.index_copy(0, rows, row_tau)
+        for start in range(0, rows.numel(), HISTOGRAM_ROWS):
+            part = rows[start:start + HISTOGRAM_ROWS]
+            row_tau = _histogram_cut(logits.index_select(0, part), floor[part], top_p[part], max_logit[part],
+                                     floor_mass[part], shard)
+            tau = tau.index_copy(0, part, row_tau)
     tau = torch.where(needs_p, torch.maximum(floor, tau), floor)
     return Replay(tau, candidates, (values[:, -1] < tau) | (count == vocab))
 

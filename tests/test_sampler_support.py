@@ -213,7 +213,11 @@ def test_top_k_keeps_every_token_tied_with_the_kth_as_vllm():
         assert torch.equal(ours, vllm | torch.zeros_like(vllm).scatter_(2, inputs.ids.unsqueeze(2), True))
 
 
-def test_top_p_keeps_a_tie_group_whole():
+@pytest.mark.parametrize("candidates", [1024, 1], ids=["within_candidates", "histograms"])
+def test_top_p_keeps_a_tie_group_whole(monkeypatch, candidates):
+    monkeypatch.setattr(support_module, "REPLAY_CANDIDATES", candidates)
+    monkeypatch.setattr(support_module, "HISTOGRAM_BINS", 3)
+    monkeypatch.setattr(support_module, "HISTOGRAM_FINISH", 1)
     inputs = _tied_inputs()
     logits = _logits(inputs).reshape(-1, 38)
     *_, ids = token_logprobs(inputs.hidden, inputs.weight, inputs.ids, bias=inputs.bias, top_p=0.5,
@@ -257,9 +261,14 @@ def test_noop_options_are_bitwise_the_full_vocabulary(noop):
 @pytest.mark.parametrize("candidates", [1, 3, 8], ids=lambda c: f"{c}_candidates")
 @pytest.mark.parametrize("replay", [dict(top_p=0.9), dict(top_p=0.8, min_p=0.02), dict(top_p=0.95, top_k=12)],
                          ids=["top_p", "with_min_p_floor", "with_top_k_floor"])
-def test_top_p_beyond_the_candidates_is_exact(monkeypatch, candidates, replay):
-    """Supports larger than the candidates take the whole-row sort (and the floor's masked pass)."""
+@pytest.mark.parametrize("bins", [(2048, 512), (2, 1)], ids=["one_level", "levels_to_one_token"])
+def test_top_p_beyond_the_candidates_is_exact(monkeypatch, candidates, replay, bins):
+    """Supports larger than the candidates take the histograms (and the floor's masked pass): one level, or many
+    two-bin levels down to single tokens."""
     monkeypatch.setattr(support_module, "REPLAY_CANDIDATES", candidates)
+    monkeypatch.setattr(support_module, "HISTOGRAM_BINS", bins[0])
+    monkeypatch.setattr(support_module, "HISTOGRAM_FINISH", bins[1])
+    monkeypatch.setattr(support_module, "HISTOGRAM_LEVELS", 40)
     inputs = make_inputs(batch=4, length=6, vocab=41, seed=15)
     mask = replayed_mask(inputs, **replay)
     assert (mask.sum(-1) > candidates).any()

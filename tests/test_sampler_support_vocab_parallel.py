@@ -1,5 +1,5 @@
 """The sampler's support with a vocabulary-parallel head (gloo, 2 and 3 processes): kept sets spanning the slices and
-top-k / top-p / min-p thresholds found over the whole vocabulary (candidates all-gathered; whole rows gathered past
+top-k / top-p / min-p thresholds found over the whole vocabulary (candidates all-gathered; histograms all-reduced past
 them) give every rank the whole head's loss, per-token outputs, kept mass, kept sets and gradient slices."""
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def main() -> None:
         (out, *_), (whole, *_) = results
         check(f"{label} kept_mass", out.kept_mass, whole.kept_mass, tolerance.per_token)
 
-    # the support as columns (default) and as a mask; 2 candidates: every top-p row past them (whole rows gathered)
+    # the support as columns (default) and as a mask; 2 candidates: every top-p row past them (histograms all-reduced)
     for candidates, sparse in ((support.REPLAY_CANDIDATES, support.SPARSE_SUPPORT_MAX), (support.REPLAY_CANDIDATES, 0),
                                (2, support.SPARSE_SUPPORT_MAX)):
         support.REPLAY_CANDIDATES, support.SPARSE_SUPPORT_MAX = candidates, sparse
