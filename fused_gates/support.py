@@ -482,16 +482,22 @@ class SupportChunks:
             sum_exp, sum_exp_shifted = weights.sum(1), (weights * shifted).sum(1)
             count = valid.sum(1)
         else:
-            kept_max = torch.where(kept, logits, torch.full((), -math.inf, dtype=dtype)).amax(dim=1)
+            if support.kept_ids is None and shard is None:
+                kept_max = local_max  # a replay keeps the largest logit
+            else:
+                kept_max = torch.where(kept, logits, torch.full((), -math.inf, dtype=dtype)).amax(dim=1)
             empty = kept_max == -math.inf
             kept_max = torch.where(empty, local_max, kept_max)
             sum_exp, sum_exp_shifted = logits.new_zeros(n), logits.new_zeros(n)
+            max_col = kept_max.unsqueeze(1)
             for start in range(0, local, VOCAB_BLOCK):
                 block, block_kept = logits[:, start:start + VOCAB_BLOCK], kept[:, start:start + VOCAB_BLOCK]
-                shifted = block - kept_max.unsqueeze(1)
-                weights = torch.where(block_kept, torch.exp(shifted), zero)
+                width = block.shape[1]
+                shifted = torch.sub(block, max_col, out=self.inner.block_a[:n, :width])
+                # masked_fill, not a product: a logit outside the support may lie far above the support's largest
+                weights = torch.exp(shifted, out=self.inner.block_b[:n, :width]).masked_fill_(~block_kept, 0.0)
                 sum_exp += weights.sum(1)
-                sum_exp_shifted += (weights * shifted).sum(1)
+                sum_exp_shifted += shifted.mul_(weights).sum(1)
             count = kept.sum(1)
         safe = torch.where(empty, torch.ones_like(sum_exp), sum_exp)
         log_sum = torch.log(safe)
@@ -564,14 +570,17 @@ class SupportChunks:
             return ChunkGradient(None, None, grad, columns)
         logits = self.inner.logits[:n]
         kept = self.mask[:n, : logits.shape[1]]
-        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        neg_e = None if grad_entropy is None else (-grad_entropy).unsqueeze(1)
         for start in range(0, logits.shape[1], VOCAB_BLOCK):
             block, block_kept = logits[:, start:start + VOCAB_BLOCK], kept[:, start:start + VOCAB_BLOCK]
-            coefficient = offset if grad_entropy is None else block * (-grad_entropy).unsqueeze(1) + offset
+            width = block.shape[1]
+            coefficient = offset
+            if neg_e is not None:
+                coefficient = torch.mul(block, neg_e, out=self.inner.block_a[:n, :width]).add_(offset)
             if alpha is not None:
-                coefficient = coefficient * _softcap_slope(block, alpha, torch.empty_like(block))
-            probability = torch.where(block_kept, torch.exp(block - lse), zero)
-            torch.mul(probability, coefficient, out=block)
+                slope = _softcap_slope(block, alpha, self.inner.block_b[:n, :width])
+                coefficient = slope.mul_(coefficient)
+            block.sub_(lse).exp_().masked_fill_(~block_kept, 0.0).mul_(coefficient)
         return ChunkGradient(logits, None, target_grad, targets.read)
 
 

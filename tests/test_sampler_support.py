@@ -375,3 +375,17 @@ def test_masked_positions_need_no_valid_kept_set():
     # a one-token support: log-prob 0, entropy 0, and no gradient
     valid = inputs.mask.bool()
     assert torch.all(out.logprobs[valid] == 0) and torch.all(out.entropy[valid] == 0)
+
+
+def test_a_support_far_below_the_largest_logit_stays_finite(layout):
+    """Kept sets of the least likely tokens, 100+ nats below the largest logit (float32 exp overflows there)."""
+    inputs = make_inputs(batch=3, length=4, vocab=23, seed=19, masked_row=False)
+    inputs.weight = inputs.weight * 60
+    logits = _logits(inputs, torch.float32)
+    order = logits.argsort(-1)
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(2, order[..., :3], True)
+    inputs.ids = order[..., 0]
+    assert ((logits.amax(-1) - logits.gather(2, order[..., 2:3]).squeeze(-1)) > 100).all()
+    ours, _ = compare(inputs, {"kept_token_ids": kept_ids_of(mask)}, mask, dtype=torch.float32, gate="sigmoid",
+                      tolerance=TOLERANCES[torch.float32])
+    assert all(torch.isfinite(g).all() for g in ours.grads)
