@@ -298,17 +298,20 @@ def _histogram_cut(logits: Tensor, floor: Tensor, top_p: Tensor, max_logit: Tens
     low_local = logits.amin(1)
     low = low_local if shard is None else shard.all_reduce(low_local.clone(), dist.ReduceOp.MIN)
     low = torch.where(valid_floor, torch.maximum(floor, low), low).unsqueeze(1)
-    weights = torch.exp(logits - high)
     member = logits >= low
+    index = torch.empty(logits.shape, dtype=torch.int16 if bins < 2**15 else torch.int32, device=device)
     above = torch.zeros(n, dtype=dtype, device=device)  # the mass of the tokens above the window
     count = None
     for _ in range(HISTOGRAM_LEVELS):
         width = ((high - low) / bins).clamp(min=torch.finfo(dtype).tiny)
-        index = ((high - logits) / width).floor_().clamp_(0, bins - 1).long()
-        index = torch.where(member, index, torch.full_like(index, bins))
         packed = torch.zeros(2, n, bins + 1, dtype=dtype, device=device)
-        packed[0].scatter_add_(1, index, weights)
-        packed[1].scatter_add_(1, index, member.to(dtype))
+        for start in range(0, logits.shape[1], VOCAB_BLOCK):  # blocks: no [n, V] temporaries
+            block, block_member = logits[:, start:start + VOCAB_BLOCK], member[:, start:start + VOCAB_BLOCK]
+            block_index = torch.sub(high, block).div_(width).floor_().clamp_(0, bins - 1).long()
+            block_index.masked_fill_(~block_member, bins)
+            index[:, start:start + VOCAB_BLOCK] = block_index
+            packed[0].scatter_add_(1, block_index, torch.sub(block, max_logit.unsqueeze(1)).exp_())
+            packed[1].scatter_add_(1, block_index, block_member.to(dtype))
         if shard is not None:
             shard.all_reduce(packed)
         mass, counts = packed[0, :, :bins], packed[1, :, :bins]
@@ -316,9 +319,9 @@ def _histogram_cut(logits: Tensor, floor: Tensor, top_p: Tensor, max_logit: Tens
         cut = (cumulative < target.unsqueeze(1)).sum(1).clamp(max=bins - 1)  # the first bin reaching the target
         at_cut = cut.unsqueeze(1)
         above = cumulative.gather(1, at_cut).squeeze(1) - mass.gather(1, at_cut).squeeze(1)
-        count = counts.gather(1, cut.unsqueeze(1)).squeeze(1)
-        member &= index == cut.unsqueeze(1)
-        high, low = high - cut.unsqueeze(1) * width, high - (cut.unsqueeze(1) + 1) * width
+        count = counts.gather(1, at_cut).squeeze(1)
+        member &= index == at_cut.to(index.dtype)
+        high, low = high - at_cut * width, high - (at_cut + 1) * width
         if int(count.max()) <= HISTOGRAM_FINISH:
             break
     # the cut's bin, sorted: its tokens' mass strictly above each is `above` plus the larger ones' (ties together)
