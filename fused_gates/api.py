@@ -185,7 +185,7 @@ def gated_policy_loss(
     support = None
     if request is not None:
         support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)
-        head, implementation = with_support(head, support), support_backend(implementation)
+        head, implementation = with_support(head, support), support_backend(implementation, head)
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
         planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, head.without_tensors(),
         implementation,
@@ -265,7 +265,7 @@ def token_logprobs(
     head, support = batch.head, None
     if request is not None:
         support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)
-        head, implementation = with_support(head, support), support_backend(implementation)
+        head, implementation = with_support(head, support), support_backend(implementation, head)
     logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, head)
     plan = planned.plan
     out = [plan.scatter(logp), plan.scatter(entropy)]

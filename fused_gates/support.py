@@ -591,10 +591,14 @@ def _runs_every_input(head: Head, config: ObjectiveConfig | None) -> str | None:
     return None
 
 
-def support_backend(requested: Backend) -> Backend:
+def support_backend(requested: Backend, head: Head) -> Backend:
     """The backend of a call with a support: the support's chunks over the torch backend's logits buffer, for every
     requested backend (the Triton backend's row kernels and ``tl.dot`` tiles have no kept mask; its cuBLAS product
-    and the torch buffer are the same product). ``requested`` has been resolved and checked already."""
+    and the torch buffer are the same product). ``requested`` has been resolved and checked already; a Triton
+    statistics kernel asked for by name is refused rather than ignored."""
+    if head.statistics_method != "auto":
+        raise fail("statistics_method", f"{head.statistics_method!r} selects a Triton no-grad kernel, which has no "
+                   "kept mask; a call with a sampler's support runs the shared buffer path: leave it 'auto'")
     return Backend(f"{requested.name}+support", SupportChunks, _runs_every_input)
 
 

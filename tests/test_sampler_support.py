@@ -359,6 +359,13 @@ def test_bad_support_inputs_are_named(bad):
         token_logprobs(inputs.hidden, inputs.weight, inputs.ids, inputs.mask, **options)
 
 
+def test_a_triton_statistics_kernel_is_refused_with_a_support():
+    inputs = make_inputs(vocab=37, seed=6)
+    with pytest.raises(ValueError, match="statistics_method: 'dot' selects a Triton no-grad kernel"):
+        token_logprobs(inputs.hidden.float(), inputs.weight.float(), inputs.ids, backend="triton", top_p=0.5,
+                       statistics_method="dot")
+
+
 def test_return_kept_ids_needs_a_replay():
     inputs = make_inputs(vocab=37, seed=6)
     with pytest.raises(ValueError, match="return_kept_ids: returns the replayed kept sets"):
