@@ -64,7 +64,9 @@ class GatedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the policy loss of :func:`fused_gates.gated_policy_loss` (see the module docstring).
 
     Logs per step, besides TRL's metrics: ``eur`` (over prompt groups), ``eur/on_policy`` / ``eur/off_policy``,
-    ``gate/mean``, ``ratio/mean|min|max`` and ``nonfinite_tokens``.
+    ``gate/mean``, ``ratio/mean|min|max`` and ``nonfinite_tokens``; with ``logprob_support="sampler"``
+    (:mod:`.sampler_support`) also ``sampler/kept_mass/mean|min`` and the vLLM importance-sampling ratio over the whole
+    vocabulary and over the support, ``sampler/is_ratio_full|support/mean|outside_0.9_1.1``.
     """
 
     def __init__(self, model, reward_funcs=None, args: GatedGRPOConfig | None = None, *pargs, **kwargs):
