@@ -154,6 +154,11 @@ def test_sampler_support_on_policy_replays_in_the_loss(model_dir, tmp_path, monk
     assert 0 < _first_log(trainer, "sampler/kept_mass/mean") < 1
 
 
+def test_a_support_beyond_the_kept_bound_names_the_bound(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="sampler_kept_bound: return_kept_ids: a replayed support holds"):
+        run_experiment(model_dir, tmp_path, "sampler", sampler_kept_bound=2)
+
+
 def test_truncated_vllm_correction_with_full_support_warns(model_dir, tmp_path):
     args = GatedGRPOConfig(output_dir=str(tmp_path), **{**fixtures.TRAINING, "max_steps": 1}, top_p=0.9)
     trainer = GatedGRPOTrainer(model=model_dir, reward_funcs=fixtures.reward, args=args,

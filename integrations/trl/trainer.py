@@ -199,6 +199,11 @@ class GatedGRPOTrainer(GRPOTrainer):
         support.start_old_pass()
         try:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        except ValueError as error:
+            if str(error).startswith("return_kept_ids:"):
+                raise ValueError(f"sampler_kept_bound: {error} (the bound is GatedGRPOConfig's sampler_kept_bound, "
+                                 f"{support.bound})") from error
+            raise
         finally:
             support.replaying = False
 
