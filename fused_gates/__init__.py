@@ -19,7 +19,7 @@ from .gates import (
     unregister_gate,
 )
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
-from .options import NONFINITE_POLICIES, HeadOptions, LossOptions
+from .options import NONFINITE_POLICIES, HeadOptions, LossOptions, SupportOptions
 from .sequence_parallel import high_entropy_mask
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "GatedPolicyLossOutput",
     "HeadOptions",
     "LossOptions",
+    "SupportOptions",
     "available_gates",
     "check_admissible",
     "gated_policy_loss",

@@ -17,14 +17,15 @@ from .backends import resolve_backend
 from .function import GatedPolicyLossFunction
 from .gates import Gate
 from .metrics import loss_metrics, nonfinite_tokens
-from .options import HeadOptions, LossOptions
+from .options import HeadOptions, LossOptions, SupportOptions
 from .self_check import use_public_functions
 from .sequence_parallel import checked_on_every_rank, global_loss_and_metrics, head_fingerprint, loss_fingerprint
+from .support import check_support, kept_mass_metrics, scatter_kept_ids, support_backend, with_support
 from .tokens import plan_logprob_tokens, plan_loss_tokens
 from .validation import fail
 
 __all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
-L, H = LossOptions, HeadOptions  # the defaults below are the options objects' own
+L, H, S = LossOptions, HeadOptions, SupportOptions  # the defaults below are the options objects' own
 
 
 @dataclass
@@ -47,6 +48,7 @@ class GatedPolicyLossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     kl: Tensor | None = None  # the KL term of the loss per token (times r with bias correction); 0 when beta == 0
     policy_weight: Tensor | None = None  # what multiplied the policy term: sampling ratio, entropy and off-policy masks
+    kept_mass: Tensor | None = None  # with a support: the trainer's probability mass on each token's support (S)
 
 
 def gated_policy_loss(
@@ -95,6 +97,10 @@ def gated_policy_loss(
     bapo_steps: tuple[float, float] | None = L.bapo_steps,
     aspo_dual_clip: float | None = L.aspo_dual_clip,
     gmpo_epsilon: float | tuple[float, float] | None = L.gmpo_epsilon,
+    kept_token_ids: Tensor | None = S.kept_token_ids,
+    top_k: int | Tensor | None = S.top_k,
+    top_p: float | Tensor | None = S.top_p,
+    min_p: float | Tensor | None = S.min_p,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -195,6 +201,10 @@ def gated_policy_loss(
             the choices taken where a paper leaves one open: :mod:`fused_gates.gate_inputs`. They take
             ``importance_sampling_level="token"`` only; m2po and bapo read a statistic of the whole batch (one
             more product when the batch needs several chunks), gmpo the whole row.
+        kept_token_ids: [B, T, K] the sampler's kept set of each token (-1 padding; the token itself must be in it):
+            log-probs, entropy, ratios and gradients over that support (:mod:`fused_gates.support`).
+        top_k, top_p, min_p: the support replayed on these logits as vLLM's sampler truncates (a number, or a [B]
+            tensor per row; ``top_k`` 0 / ``top_p`` 1 / ``min_p`` 0: no truncation). Not with ``kept_token_ids``.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -208,22 +218,28 @@ def gated_policy_loss(
     """
     arguments = locals()
     head_options, loss_options = HeadOptions.collect(arguments), LossOptions.collect(arguments)
+    support_options = SupportOptions.collect(arguments)
 
     def check():
         batch = check_batch(hidden, weight, completion_ids, completion_mask, head_options)
         args = check_loss_arguments(batch, advantages, old_logprobs, ref_logprobs, loss_options)
-        if sequence_group is not None and args.config.needs_whole_batch:
-            raise fail("sequence_group", f"gate={args.config.gate.name!r} reads a statistic of the whole batch, "
-                       "which is not gathered across sequence-sharded ranks; use it without sequence_group")
-        return batch, args
+        request = check_support(support_options, batch.ids, batch.mask, batch.shape, batch.head.vocab, batch.device,
+                                logprob_pass=False)
+        if sequence_group is not None:
+            _refuse_with_sequence_group(args.config.needs_whole_batch, request)
+        return batch, args, request
 
     given = {"completion_mask": completion_mask, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
-    (batch, args), sequence = checked_on_every_rank(
+    (batch, args, request), sequence = checked_on_every_rank(
         sequence_group, check, lambda c: loss_fingerprint(c[0], head_options, loss_options, advantages, given))
     implementation = resolve_backend(batch.backend, batch.head, args.config)
     planned = plan_loss_tokens(batch, args, sequence)
 
     head = batch.head
+    support = None
+    if request is not None:
+        support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)
+        head, implementation = with_support(head, support), support_backend(implementation, head)
     loss, logp, entropy, ratio, gate_value, gate_grad, kl, policy_weight = GatedPolicyLossFunction.apply(
         planned.hidden, head.weight, head.bias, planned.ids, planned.tokens, args.config, head.without_tensors(),
         implementation,
@@ -242,6 +258,10 @@ def gated_policy_loss(
         outputs = dict(entropy=entropy, ratio=ratio, gate_value=gate_value, gate_grad=gate_grad, kl=kl)
         loss, metrics = global_loss_and_metrics(sequence, loss, tokens, args.config, args.options.group_size,
                                                 args.options.group_ids, args.row_advantages, outputs, nonfinite)
+    kept_mass = None
+    if support is not None:
+        kept_mass = plan.scatter(support.kept_log_mass.exp())
+        metrics.update(kept_mass_metrics(support.kept_log_mass.exp(), tokens.mask))
     return GatedPolicyLossOutput(
         loss=loss,
         logprobs=logprobs,
@@ -253,11 +273,22 @@ def gated_policy_loss(
         metrics=metrics,
         kl=plan.scatter(kl) if args.config.beta != 0 else torch.zeros_like(logprobs),
         policy_weight=plan.scatter(policy_weight if _has_policy_weight(args, tokens) else torch.ones_like(logp)),
+        kept_mass=kept_mass,
     )
 
 
 def _has_policy_weight(args, tokens) -> bool:
     return tokens.policy_weight is not None or args.config.off_policy_mask_threshold is not None
+
+
+def _refuse_with_sequence_group(needs_whole_batch: bool, support: object | None) -> None:
+    """What sequence sharding does not gather across its ranks (raised inside the agreement, so every rank raises)."""
+    if needs_whole_batch:
+        raise fail("sequence_group", "this gate reads a statistic of the whole batch (m2po, bapo), which is not "
+                   "gathered across sequence-sharded ranks; use it without sequence_group")
+    if support is not None:
+        raise fail("sequence_group", "the sampler's support (kept_token_ids, top_k, top_p, min_p) is not combined "
+                   "with sequence-sharded rows; use it without sequence_group")
 
 
 @torch.no_grad()
@@ -276,24 +307,55 @@ def token_logprobs(
     statistics_method: str = H.statistics_method,
     memory_budget_mb: float | None = H.memory_budget_mb,
     sequence_group: object | None = H.sequence_group,
-) -> tuple[Tensor, Tensor]:
+    kept_token_ids: Tensor | None = S.kept_token_ids,
+    top_k: int | Tensor | None = S.top_k,
+    top_p: float | Tensor | None = S.top_p,
+    min_p: float | Tensor | None = S.min_p,
+    return_kept_mass: bool = False,
+    return_kept_ids: int | None = S.return_kept_ids,
+) -> tuple[Tensor, ...]:
     """Per-token log-probs and entropies [B, T] (float32, 0 where masked) of ``completion_ids`` under the lm_head,
     without gradient and without materialising the logits: the old- and reference-policy passes of RL training.
     One matrix product of ``hidden @ weight.T``; arguments as in :func:`gated_policy_loss` (``on_nonfinite``:
     ``"raise"`` or ``"propagate"``, which gives NaN at such tokens). ``statistics_method`` (Triton backend only):
     ``"dot"`` (``tl.dot`` tiles, the logits never written), ``"cublas"`` (cuBLAS chunk products read back by a row
     kernel) or ``"auto"`` (by the number of tokens; ``fused_gates.kernels.triton_backend.choose_statistics_method``).
+
+    The sampler's support (``kept_token_ids``, or ``top_k`` / ``top_p`` / ``min_p`` replayed as vLLM's sampler
+    truncates: :mod:`fused_gates.support`) renormalises the log-probs and entropies over each token's kept set.
+    ``return_kept_mass=True`` appends the trainer's mass on the support, S [B, T] (1 without a support);
+    ``return_kept_ids=K`` appends the replayed kept sets [B, T, K] (int64, largest logit first, -1 padding; a larger
+    support raises), for later passes to renormalise over the same sets with ``kept_token_ids``.
     ``sequence_group``: each rank passes its slice of the positions (as :func:`gated_policy_loss` takes them) and gets
     its slice's values; the ranks only agree on the arguments (every rank raises the same error otherwise)."""
-    options = HeadOptions.collect(locals())
-    batch, sequence = checked_on_every_rank(
-        sequence_group, lambda: check_batch(hidden, weight, completion_ids, completion_mask, options,
-                                            nonfinite_policies=("raise", "propagate")),
-        lambda b: head_fingerprint(b, options))
+    arguments = locals()
+    options = HeadOptions.collect(arguments)
+    support_options = SupportOptions.collect(arguments)
+
+    def check():
+        batch = check_batch(hidden, weight, completion_ids, completion_mask, options,
+                            nonfinite_policies=("raise", "propagate"))
+        request = check_support(support_options, batch.ids, batch.mask, batch.shape, batch.head.vocab, batch.device,
+                                logprob_pass=True)
+        if sequence_group is not None:
+            _refuse_with_sequence_group(False, request)
+        return batch, request
+
+    (batch, request), sequence = checked_on_every_rank(sequence_group, check, lambda c: head_fingerprint(c[0], options))
     implementation = resolve_backend(batch.backend, batch.head, None)
     planned = plan_logprob_tokens(batch, sequence)
-    logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, batch.head)
-    return planned.plan.scatter(logp), planned.plan.scatter(entropy)
+    head, support = batch.head, None
+    if request is not None:
+        support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)
+        head, implementation = with_support(head, support), support_backend(implementation, head)
+    logp, entropy, _ = implementation.logprobs_and_entropy(planned.hidden, planned.ids, head)
+    plan = planned.plan
+    out = [plan.scatter(logp), plan.scatter(entropy)]
+    if return_kept_mass:
+        out.append(plan.scatter(torch.ones_like(logp) if support is None else support.kept_log_mass.exp()))
+    if return_kept_ids is not None:
+        out.append(scatter_kept_ids(plan, support.kept_out, support.kept_count, return_kept_ids))
+    return tuple(out)
 
 
 use_public_functions(gated_policy_loss, token_logprobs)

@@ -38,6 +38,9 @@ from .objective import ObjectiveConfig, TokenData, TokenTerms, evaluate_objectiv
 from .products import addmm_into, mm_into
 from .vocab_parallel import combine_slice_statistics
 
+SPARSE_COLUMN_BLOCK = 64
+"""Columns per step of a gradient held by a few columns per token (a sampler's support): ``n x 64 x H`` gathered
+rows of the weight at a time."""
 CPU_MEMORY_BUDGET_MB = 512.0
 """Working buffers on CPU. Every token chunk re-reads and re-writes the float32 dW accumulator (``8 V H`` bytes)
 against ``6 n H V`` flops of products, so its share of a step is about ``8 F / (6 n B)`` (F flop/s, B bytes/s):
@@ -127,11 +130,13 @@ def largest_chunk(chunks: list[slice]) -> int:
 # -- the vocabulary-parallel slice ---------------------------------------------------------------------------------
 
 
-def chunk_targets(head: Head, targets: Tensor) -> ChunkTargets:
+def chunk_targets(head: Head, targets: Tensor, rows: slice | None = None) -> ChunkTargets:
+    """The chunk ``rows``' targets (``targets`` already sliced) and, with a support, the chunk's part of it."""
+    support = None if head.support is None else head.support.select(rows)
     if head.shard is None:
-        return ChunkTargets(targets, None)
+        return ChunkTargets(targets, None, support)
     local, owned = head.shard.local_targets(targets)
-    return ChunkTargets(local, owned)
+    return ChunkTargets(local, owned, support)
 
 
 def global_statistics(head: Head, stats: ChunkStatistics, targets: Tensor) -> ChunkStatistics:
@@ -163,6 +168,9 @@ class GradientAccumulator:
         inv_t = self.head.inv_temperature
         operands = backend.product_operands()
         acc = self.head.accumulate_dtype
+        if dz.matrix is None:
+            self._add_columns(rows, dz, hidden, operands)
+            return
         row_scale = None if dz.row_scale is None else dz.row_scale.unsqueeze(1)
         target_grad = None if dz.target_grad is None else dz.target_grad.unsqueeze(1)
         if self.hidden is not None or self.weight is not None:
@@ -188,6 +196,31 @@ class GradientAccumulator:
             self.bias.add_(matrix.t().mv(scale), alpha=inv_t)
             if target_grad is not None:
                 self.bias.index_add_(0, dz.targets, dz.target_grad * inv_t)
+
+    def _add_columns(self, rows: slice, dz: ChunkGradient, hidden: Tensor, operands) -> None:
+        """A gradient held by a few columns per token (``dz.targets`` [n, K], -1: none; ``dz.target_grad`` [n, K]):
+        ``dh = sum_k g_k W[c_k] / T``, ``dW[c_k] += g_k h / T``, ``db[c_k] += g_k / T`` -- ``O(n K H)``, no product over
+        the vocabulary (a sampler's support of K tokens)."""
+        acc, inv_t = self.head.accumulate_dtype, self.head.inv_temperature
+        valid = dz.targets >= 0
+        columns = torch.where(valid, dz.targets, torch.zeros_like(dz.targets))
+        values = torch.where(valid, dz.target_grad, torch.zeros((), dtype=acc, device=columns.device)) * inv_t
+        weight = operands.weight
+        scaled_hidden = hidden.to(acc)
+        if self.weight is not None and not self._weight_written:
+            self.weight.zero_()
+            self._weight_written = True
+        for start in range(0, columns.shape[1], SPARSE_COLUMN_BLOCK):
+            part = slice(start, start + SPARSE_COLUMN_BLOCK)
+            block, block_values = columns[:, part], values[:, part]
+            if self.hidden is not None:
+                rows_of_w = weight.index_select(0, block.reshape(-1)).to(acc).view(*block.shape, -1)
+                self.hidden[rows] += torch.einsum("nk,nkh->nh", block_values, rows_of_w)
+            if self.weight is not None:
+                contributions = block_values.unsqueeze(2) * scaled_hidden.unsqueeze(1)
+                self.weight.index_add_(0, block.reshape(-1), contributions.reshape(-1, scaled_hidden.shape[1]))
+            if self.bias is not None:
+                self.bias.index_add_(0, block.reshape(-1), block_values.reshape(-1))
 
     def result(self) -> Gradients:
         if self.weight is not None and not self._weight_written:
@@ -220,7 +253,7 @@ def logprobs_and_entropy(make: BackendFactory, hidden: Tensor, targets: Tensor, 
     backend, rows = _allocated(make, head, NO_GRADIENT, num_tokens)
     for chunk in token_chunks(num_tokens, rows):
         ids = targets[chunk]
-        stats = global_statistics(head, backend.statistics(hidden[chunk], chunk_targets(head, ids), None), ids)
+        stats = global_statistics(head, backend.statistics(hidden[chunk], chunk_targets(head, ids, chunk), None), ids)
         out[0][chunk], out[1][chunk], out[2][chunk] = stats.logprobs, stats.entropy, stats.log_sum_exp
     return tuple(out)
 
@@ -282,7 +315,7 @@ def loss_forward(
             step = fused(hidden[chunk], ids, chunk_tokens, config)
             stats, terms, dz = step.stats, step.terms, step.gradient
         else:
-            where = chunk_targets(head, ids)
+            where = chunk_targets(head, ids, chunk)
             stats = global_statistics(head, backend.statistics(hidden[chunk], where, keep), ids)
             terms = evaluate_objective(stats.logprobs, stats.entropy, chunk_tokens, config)
             dz = backend.gradient(stats, where, terms.grad_logprobs,
@@ -310,7 +343,7 @@ def recompute_gradients(
     keep = "exp" if saved.grad_entropy is None else "logits"
     for chunk in saved.chunks if saved.chunks is not None else token_chunks(num_tokens, rows):
         ids, chunk_saved = targets[chunk], saved.select(chunk)
-        where = chunk_targets(head, ids)
+        where = chunk_targets(head, ids, chunk)
         recompute = getattr(backend, "gradient_from_saved", None)
         if recompute is None and saved.chunks is None:  # no forward gradient to reproduce: dz from the saved lse
             recompute = getattr(backend, "gradient_from_lse", None)

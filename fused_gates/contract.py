@@ -75,6 +75,7 @@ class ChunkTargets:
 
     read: Tensor  # the target's column in the slice, safe to load (0 where another rank owns the target)
     owned: Tensor | None  # bool: this rank owns the target (None: a whole head)
+    support: object | None = None  # the chunk's fused_gates.support.TokenSupport (None: the whole vocabulary)
 
     @property
     def one_hot(self) -> Tensor:
@@ -95,9 +96,11 @@ class ChunkStatistics:
 @dataclass
 class ChunkGradient:
     """A chunk's logits gradient, factored: ``dz = diag(row_scale) matrix + target_grad onehot(targets)``
-    (``row_scale`` None: 1; ``target_grad`` None: the one-hot part is already in ``matrix``)."""
+    (``row_scale`` None: 1; ``target_grad`` None: the one-hot part is already in ``matrix``). ``matrix`` None: the
+    gradient is held by a few columns per token, ``targets`` [n, K] (-1: none) with values ``target_grad`` [n, K].
+    """
 
-    matrix: Tensor  # [n, local V], float32 or already in the products' operand dtype
+    matrix: Tensor | None  # [n, local V], float32 or already in the products' operand dtype
     row_scale: Tensor | None = None
     target_grad: Tensor | None = None
     targets: Tensor | None = None  # the one-hot columns (with target_grad)

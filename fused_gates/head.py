@@ -28,6 +28,7 @@ class Head:
     softcap: float | None = None
     shard: VocabShard | None = None
     statistics_method: str = "auto"
+    support: object | None = None  # fused_gates.support.TokenSupport of the computed tokens (None: whole vocabulary)
 
     @property
     def local_vocab(self) -> int:

@@ -49,6 +49,18 @@ class HeadOptions(_Collect):
 
 
 @dataclass(frozen=True)
+class SupportOptions(_Collect):
+    """The sampler's support (:mod:`fused_gates.support`): kept sets given, or replayed; None: the whole vocabulary
+    (``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 are no-ops too)."""
+
+    kept_token_ids: Tensor | None = None
+    top_k: int | Tensor | None = None
+    top_p: float | Tensor | None = None
+    min_p: float | Tensor | None = None
+    return_kept_ids: int | None = None
+
+
+@dataclass(frozen=True)
 class LossOptions(_Collect):
     gate: str | Gate = "sigmoid"
     tau_pos: float = _GATE_DEFAULTS.tau_pos

@@ -61,6 +61,7 @@ class ReferenceResult:
     metrics: dict[str, Tensor]
     kl: Tensor
     policy_weight: Tensor
+    kept_mass: Tensor | None = None  # with kept_mask: the mass of the whole-vocabulary softmax on the support
 
 
 def _gamma_weights(advantages, log_ratio, mask, sampling_ratio, k_pos, lambda_pos, k_neg, lambda_neg):
@@ -209,8 +210,11 @@ def reference_loss(
     aspo_dual_clip: float = 3.0,
     gmpo_epsilon: tuple[float, float] = (0.4, 0.4),
     custom_input_value=None,
+    kept_mask: Tensor | None = None,
 ) -> ReferenceResult:
-    """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves)."""
+    """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves). ``kept_mask``
+    [B, T, V] (bool): the sampler's support of each token; log-probs and entropies are then those of the softmax
+    renormalised over it (e.g. from :func:`reference_sampler_support`)."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     batch, length, _ = hidden.shape
     dtype = hidden.dtype
@@ -223,10 +227,15 @@ def reference_loss(
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     logits = logits / temperature
+    kept_mass = None
+    if kept_mask is not None:
+        supported = logits.masked_fill(~kept_mask, -math.inf)
+        kept_mass = torch.exp(torch.logsumexp(supported, -1) - torch.logsumexp(logits, -1)).detach()
+        logits = supported
     log_probs_all = torch.log_softmax(logits, dim=-1)
     logp = log_probs_all.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
     probs = log_probs_all.exp()
-    entropy = -(probs * log_probs_all).sum(-1)
+    entropy = -(probs * torch.where(probs > 0, log_probs_all, torch.zeros((), dtype=dtype))).sum(-1)
 
     adv = advantages.to(dtype)
     if adv.dim() == 1:
@@ -359,6 +368,9 @@ def reference_loss(
     }
     if beta != 0:
         metrics["kl"] = masked_mean(kl.detach().expand(batch, length))  # TRL logs the corrected term
+    if kept_mass is not None:
+        metrics["kept_mass/mean"] = masked_mean(kept_mass)
+        metrics["kept_mass/min"] = kept_mass[valid].min() if valid.any() else torch.zeros((), dtype=dtype)
 
     def trl_mean(flags: Tensor) -> Tensor:  # TRL's global_masked_mean on one process
         return flags.mean() if flags.shape[1] == 1 else masked_mean(flags)
@@ -397,4 +409,40 @@ def reference_loss(
         metrics=metrics,
         kl=zero_masked(kl),
         policy_weight=zero_masked(policy_weight),
+        kept_mass=None if kept_mass is None else zero_masked(kept_mass),
     )
+
+
+def reference_sampler_support(logits: Tensor, top_k: Tensor | None = None, top_p: Tensor | None = None,
+                              min_p: Tensor | None = None) -> Tensor:
+    """The tokens a vLLM (v1) sampler keeps, bool [R, V], from processed logits [R, V] (after the temperature) and
+    per-row options [R] (None: not applied), one row and one token at a time, in float64 and vLLM's order:
+
+    1. min_p: keep a token whose probability is at least ``min_p`` times the largest probability;
+    2. top_k (0 or >= V: off): keep the tokens whose logit is not below the k-th largest logit left by step 1 (ties
+       with it are kept; fewer than k left: all of them);
+    3. top_p (1: off): over the softmax of what steps 1-2 kept, keep a token when the tokens with a strictly larger
+       logit hold less than ``top_p`` of the mass (vLLM drops a token when the ascending cumulative mass up to it is
+       at most ``1 - top_p``; a tie group is kept whole here, the largest logit always).
+    """
+    rows, vocab = logits.shape
+    z_all = logits.detach().to(torch.float64)
+    kept = torch.zeros(rows, vocab, dtype=torch.bool)
+    for i in range(rows):
+        z = z_all[i]
+        keep = [True] * vocab
+        if min_p is not None and float(min_p[i]) > 0:
+            probs = torch.softmax(z, 0)
+            largest = float(probs.max())
+            keep = [keep[v] and float(probs[v]) >= float(min_p[i]) * largest for v in range(vocab)]
+        if top_k is not None and 0 < int(top_k[i]) < vocab:
+            left = sorted((float(z[v]) for v in range(vocab) if keep[v]), reverse=True)
+            if len(left) >= int(top_k[i]):
+                kth = left[int(top_k[i]) - 1]
+                keep = [keep[v] and float(z[v]) >= kth for v in range(vocab)]
+        if top_p is not None and float(top_p[i]) < 1:
+            masked = torch.tensor([float(z[v]) if keep[v] else -math.inf for v in range(vocab)], dtype=torch.float64)
+            probs = torch.softmax(masked, 0)
+            keep = [keep[v] and float(probs[masked > masked[v]].sum()) < float(top_p[i]) for v in range(vocab)]
+        kept[i] = torch.tensor(keep)
+    return kept

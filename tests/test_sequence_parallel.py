@@ -53,7 +53,7 @@ ERRORS = {  # the worker's case -> the error every rank raises (the refusing ran
     "advantages": "ValueError: advantages: the ranks of sequence_group disagree on its values",
     "value": "ValueError: hidden: 1 token(s) where the mask is set have non-finite hidden states",
     "logprobs-option": "ValueError: temperature: the ranks of sequence_group disagree on its value: [0.7, 0.8]",
-    "batch-statistic": "ValueError: sequence_group: gate='m2po' reads a statistic of the whole batch",
+    "batch-statistic": "ValueError: sequence_group: this gate reads a statistic of the whole batch (m2po, bapo)",
 }
 
 

@@ -42,6 +42,12 @@ from fused_gates import BACKENDS, NONFINITE_POLICIES, POLICY_OBJECTIVES, get_gat
 from fused_gates.gate_inputs import GATE_OPTIONS, resolve_input_parameters
 from fused_gates.validation import check_number
 
+from .sampler_support import sampler_truncation
+
+LOGPROB_SUPPORTS = ("full", "sampler")
+"""``logprob_support``: log-probs over the whole vocabulary (TRL's numbers) or over the sampler's support
+(:mod:`.sampler_support`)."""
+
 TRL_OBJECTIVES: dict[str, tuple[str, str]] = {
     "grpo": ("clip", "grpo"),
     "bnpo": ("clip", "bnpo"),
@@ -96,6 +102,17 @@ class GatedGRPOConfig(GRPOConfig):
     )
     gate_tau_max: float | None = field(
         default=None, metadata={"help": "Upper bound of the adaptive temperature (default: the controller's)."}
+    )
+    logprob_support: str = field(
+        default="full",
+        metadata={"help": "full: log-probs over the whole vocabulary (TRL's); sampler: over the support that "
+                          "top_k / top_p / min_p sampling kept (replayed as vLLM's sampler truncates), so that the "
+                          "importance-sampling correction compares like with like."},
+    )
+    sampler_kept_bound: int = field(
+        default=1024,
+        metadata={"help": "logprob_support='sampler': the most kept tokens per position carried from the old-policy "
+                          "pass to later iterations (a larger support raises)."},
     )
 
     gate_dppo_delta: float | None = field(
@@ -198,6 +215,7 @@ def resolve_objective(args: GatedGRPOConfig) -> GateObjective:
     problems += _adaptive_problems(args)
     input_options = {name: _as_tuple(getattr(args, f"gate_{name}")) for name in GATE_OPTIONS}
     problems += _input_gate_problems(args, gate, input_options)
+    problems += _support_problems(args)
     if problems:
         raise ValueError("GatedGRPOConfig: this configuration has no meaning:\n- " + "\n- ".join(problems))
     given = tuple((name, value) for name, value in input_options.items() if value is not None)
@@ -246,3 +264,18 @@ def _adaptive_problems(args: GatedGRPOConfig) -> list[str]:
         problems.append(f"gate_tau_min ({args.gate_tau_min}) must be < gate_tau_max ({args.gate_tau_max})")
     return problems
 
+
+
+def _support_problems(args: GatedGRPOConfig) -> list[str]:
+    if args.logprob_support not in LOGPROB_SUPPORTS:
+        return [f"logprob_support={args.logprob_support!r}; choose one of {', '.join(LOGPROB_SUPPORTS)}"]
+    if args.logprob_support == "full":
+        return []
+    problems = []
+    if not sampler_truncation(args):
+        problems.append("logprob_support='sampler' needs truncated sampling (top_k > 0, top_p < 1 or min_p > 0): "
+                        "without it the support is the whole vocabulary")
+    if isinstance(args.sampler_kept_bound, bool) or not isinstance(args.sampler_kept_bound, int) \
+            or args.sampler_kept_bound <= 0:
+        problems.append(f"sampler_kept_bound: must be a positive int, got {args.sampler_kept_bound!r}")
+    return problems

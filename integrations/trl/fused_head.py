@@ -148,9 +148,10 @@ def _router_aux_loss(model: nn.Module, backbone_outputs: Any, attention_mask: Te
 
 
 def add_gated_head(model: nn.Module, transform: LogitTransform, *, cast_lm_head_to_fp32: bool = False,
-                   backend: str = "auto", memory_budget_mb: float | None = None) -> None:
+                   backend: str = "auto", memory_budget_mb: float | None = None, support: Any = None) -> None:
     """Patch ``model.forward`` with the fused head (see the module docstring). Apply it to the model PEFT wraps (the
-    base model: PEFT forwards unknown keywords to it), before any distributed wrapper."""
+    base model: PEFT forwards unknown keywords to it), before any distributed wrapper. ``support``: a
+    :class:`~.sampler_support.SamplerSupport` whose options the no-grad passes take."""
     # patching again (a model reused by another trainer) replaces the previous patch and its settings
     previous_forward = getattr(model, _ORIGINAL_FORWARD, None) or model.forward
     setattr(model, _ORIGINAL_FORWARD, previous_forward)
@@ -198,8 +199,10 @@ def add_gated_head(model: nn.Module, transform: LogitTransform, *, cast_lm_head_
         mask = targets != -100
 
         def logprobs(states, weight, bias):
-            return token_logprobs(states, weight, targets.clamp(min=0), mask, bias=bias, backend=backend,
-                                  memory_budget_mb=memory_budget_mb, **transform.options())
+            extra = {} if support is None else support.logprob_options()
+            result = token_logprobs(states, weight, targets.clamp(min=0), mask, bias=bias, backend=backend,
+                                    memory_budget_mb=memory_budget_mb, **transform.options(), **extra)
+            return result if support is None else support.receive(result)
 
         log_probs, entropy = call_through_head(lm_head, hidden, logprobs, cast_to_fp32=cast_lm_head_to_fp32)
         from trl.trainer.utils import FusedCausalLMOutput

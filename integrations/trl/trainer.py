@@ -30,6 +30,7 @@ returns the off-policy EUR for the adaptive gate temperature (``gate_eur_target`
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,6 +44,7 @@ from fused_gates.validation import check_number
 from .config import GatedGRPOConfig, GateObjective, resolve_objective
 from .fused_head import LogitTransform, add_gated_head, is_patched, logit_transform
 from .metrics import LossMetrics, MetricSettings
+from .sampler_support import KEPT_IDS_KEY, SamplerSupport, ratio_summary, sampler_truncation
 
 __all__ = ["GatedGRPOConfig", "GatedGRPOTrainer", "add_gated_head"]
 
@@ -62,7 +64,9 @@ class GatedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the policy loss of :func:`fused_gates.gated_policy_loss` (see the module docstring).
 
     Logs per step, besides TRL's metrics: ``eur`` (over prompt groups), ``eur/on_policy`` / ``eur/off_policy``,
-    ``gate/mean``, ``ratio/mean|min|max`` and ``nonfinite_tokens``.
+    ``gate/mean``, ``ratio/mean|min|max`` and ``nonfinite_tokens``; with ``logprob_support="sampler"``
+    (:mod:`.sampler_support`) also ``sampler/kept_mass/mean|min`` and the vLLM importance-sampling ratio over the whole
+    vocabulary and over the support, ``sampler/is_ratio_full|support/mean|outside_0.9_1.1``.
     """
 
     def __init__(self, model, reward_funcs=None, args: GatedGRPOConfig | None = None, *pargs, **kwargs):
@@ -85,7 +89,11 @@ class GatedGRPOTrainer(GRPOTrainer):
                                  "restores its own state on resume)")
         self._gate_temperatures = (self._objective.tau_pos, self._objective.tau_neg)
         self._off_policy_eur_parts: torch.Tensor | None = None
-        with self._gated_heads_installed(args):
+        self._sampler_support = None
+        if args.logprob_support == "sampler":
+            self._sampler_support = SamplerSupport(sampler_truncation(args), args.sampler_kept_bound)
+        self._expect_old_pass = False
+        with self._gated_heads_installed(args, self._sampler_support):
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if not is_patched(policy):
@@ -100,10 +108,25 @@ class GatedGRPOTrainer(GRPOTrainer):
             from .adaptive_gate import AdaptiveGateCallback
 
             self.add_callback(AdaptiveGateCallback(self))
+        self._truncation_warned = False
+        self._warn_truncation_bias()
+
+    def _warn_truncation_bias(self) -> None:
+        """Once: vLLM's correction with truncated sampling and log-probs over the whole vocabulary (TRL's bias)."""
+        args = self.args
+        if self._truncation_warned or args.logprob_support != "full" or not sampler_truncation(args):
+            return
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            self._truncation_warned = True
+            warnings.warn(
+                f"vLLM's importance-sampling correction is on with truncated sampling ({sampler_truncation(args)}) "
+                "and logprob_support='full': the sampler's log-probs are over the tokens it kept, the trainer's over "
+                "the whole vocabulary, so the correction's ratio carries the kept mass S < 1 at every token (TRL's "
+                "bias); logprob_support='sampler' renormalises over the sampler's support", stacklevel=3)
 
     @staticmethod
     @contextmanager
-    def _gated_heads_installed(args: GatedGRPOConfig) -> Iterator[None]:
+    def _gated_heads_installed(args: GatedGRPOConfig, support: SamplerSupport | None = None) -> Iterator[None]:
         """While TRL builds the models, its ``add_fused_lm_head`` installs the fused-gates head instead (on the policy
         or PEFT's base model and on the reference model, before they are wrapped)."""
         module = sys.modules[GRPOTrainer.__module__]
@@ -112,7 +135,7 @@ class GatedGRPOTrainer(GRPOTrainer):
         def install(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, outputs=None) -> None:
             add_gated_head(model, logit_transform(model.config, temperature),
                            cast_lm_head_to_fp32=cast_lm_head_to_fp32, backend=args.gate_backend,
-                           memory_budget_mb=args.gate_memory_budget_mb)
+                           memory_budget_mb=args.gate_memory_budget_mb, support=support)
 
         module.add_fused_lm_head = install
         try:
@@ -145,8 +168,21 @@ class GatedGRPOTrainer(GRPOTrainer):
     # -- generation: remember each row's prompt group and when the batch was sampled ---------------------------------
 
     def _generate_and_score_completions(self, inputs):
+        self._warn_truncation_bias()  # use_vllm may have been set after construction
+        support = self._sampler_support
+        if support is not None:
+            # TRL's first log-prob pass of the batch is the old policy's when it runs one (the same condition as TRL)
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            self._expect_old_pass = bool(self.args.gradient_accumulation_steps % generate_every != 0 or (
+                self.use_vllm and self.vllm_importance_sampling_correction))
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
+        if support is not None:
+            self._expect_old_pass = False
+            replayed = support.finish_old_pass(output["completion_ids"].size(1))
+            if replayed is not None:
+                output[KEPT_IDS_KEY] = replayed[0]
+                self._record_sampler_ratios(mode, output, replayed[1])
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         rows = output["completion_ids"].size(0)
         first = self.accelerator.process_index * rows  # TRL's slice of the gathered, prompt-grouped rows
@@ -154,6 +190,42 @@ class GatedGRPOTrainer(GRPOTrainer):
         output[GROUP_KEY] = torch.div(index, group_size, rounding_mode="floor")
         output[GENERATED_AT_KEY] = torch.tensor(self.state.global_step)
         return output
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        support = self._sampler_support
+        if support is None or not self._expect_old_pass:
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        self._expect_old_pass = False  # the reference pass that may follow stays over the whole vocabulary
+        support.start_old_pass()
+        try:
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        except ValueError as error:
+            if str(error).startswith("return_kept_ids:"):
+                raise ValueError(f"sampler_kept_bound: {error} (the bound is GatedGRPOConfig's sampler_kept_bound, "
+                                 f"{support.bound})") from error
+            raise
+        finally:
+            support.replaying = False
+
+    def _record_sampler_ratios(self, mode: str, output: dict[str, Any], kept_mass: torch.Tensor) -> None:
+        """The vLLM importance-sampling ratio ``pi_old / pi_sampler`` over the whole vocabulary (what TRL would use)
+        and over the support (what is used): mean and fraction outside [0.9, 1.1], over every process's tokens."""
+        sampling, old = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
+        if sampling is None or old is None:
+            return
+        mask = output["completion_mask"]
+        if output.get("tool_mask") is not None:
+            mask = mask * output["tool_mask"]
+        mask = mask * torch.isfinite(sampling)
+        log_ratio = torch.nan_to_num(old - sampling, nan=0.0)
+        full = ratio_summary(log_ratio + torch.log(kept_mass.clamp(min=1e-30)), mask)
+        used = ratio_summary(log_ratio, mask)
+        totals = self.accelerator.reduce(torch.stack([*full, *used, mask.float().sum()]), reduction="sum").tolist()
+        count = max(totals[4], 1.0)
+        metrics = self._metrics[mode]
+        for name, (ratio_sum, outside) in (("full", totals[0:2]), ("support", totals[2:4])):
+            metrics[f"sampler/is_ratio_{name}/mean"].append(ratio_sum / count)
+            metrics[f"sampler/is_ratio_{name}/outside_0.9_1.1"].append(outside / count)
 
     # -- the loss ----------------------------------------------------------------------------------------------------
 
@@ -201,6 +273,8 @@ class GatedGRPOTrainer(GRPOTrainer):
             options["sampling_ratio"] = ratio
         if GROUP_KEY in inputs:
             options["group_ids"] = inputs[GROUP_KEY]
+        if self._sampler_support is not None:
+            options.update(self._sampler_support.loss_options(inputs))
         return options
 
     def _compute_loss(self, model, inputs):
@@ -226,9 +300,11 @@ class GatedGRPOTrainer(GRPOTrainer):
             entropy_mask = None
             if self.top_entropy_quantile < 1.0:
                 # the entropies of this forward's hidden states, then TRL's quantile mask (gathered across processes)
+                support = {} if self._sampler_support is None else self._sampler_support.loss_options(inputs)
                 _, entropies = token_logprobs(hidden.detach(), weight.detach(), completion_ids, mask,
                                               bias=None if bias is None else bias.detach(), backend=args.gate_backend,
-                                              memory_budget_mb=args.gate_memory_budget_mb, **transform.options())
+                                              memory_budget_mb=args.gate_memory_budget_mb, **transform.options(),
+                                              **support)
                 entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
             out = gated_policy_loss(hidden, weight, completion_ids, advantages, mask, old, ref, bias=bias,
                                     entropy_mask=entropy_mask, **options)
@@ -248,7 +324,19 @@ class GatedGRPOTrainer(GRPOTrainer):
         if self._entropy_bonus_enabled:
             self._record_entropy_bonus(mode, out, mask, result["head"]["entropy_mask"])
         self._record_metrics(mode, inputs, out, mask, advantages, old)
+        if out.kept_mass is not None:
+            self._record_kept_mass(mode, out.kept_mass, mask)
         return loss
+
+    def _record_kept_mass(self, mode: str, kept_mass: torch.Tensor, mask: torch.Tensor) -> None:
+        """``sampler/kept_mass/mean`` (token-weighted over every process) and ``/min``."""
+        weights = mask.float()
+        parts = torch.stack([(kept_mass.float() * weights).sum(), weights.sum()]).detach()
+        total, count = self.accelerator.reduce(parts, reduction="sum").tolist()
+        low = torch.where(weights > 0, kept_mass.float(), torch.ones_like(weights)).amin().detach()
+        low = self.accelerator.gather(low.reshape(1)).amin().item()
+        self._metrics[mode]["sampler/kept_mass/mean"].append(total / max(count, 1.0))
+        self._metrics[mode]["sampler/kept_mass/min"].append(low)
 
     def _record_entropy_bonus(self, mode: str, out: GatedPolicyLossOutput, mask, entropy_mask) -> None:
         """TRL's policy_loss metric, adaptive entropy controller and entropy_coef metric."""
