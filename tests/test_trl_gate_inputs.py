@@ -86,6 +86,14 @@ def test_training_with_each_input_gate_passes_its_options_and_logs_finite_metric
     for entry in logs:
         for key in ("loss", "eur", "gate/mean", "ratio/mean"):
             assert math.isfinite(entry[key]), key
+    decisions = {"dppo": ["dppo/masked_fraction"], "m2po": ["m2po/masked_fraction"],
+                 "bapo": ["bapo/c_low", "bapo/c_high"]}.get(gate, [])
+    for entry in logs:
+        for key in decisions:
+            assert math.isfinite(entry[key]), key
+    if gate == "bapo":
+        assert all(0.7 - 1e-6 <= entry["bapo/c_low"] <= 0.9 + 1e-6 and 1.2 - 1e-6 <= entry["bapo/c_high"] <= 2 + 1e-6
+                   for entry in logs)  # within the ranges given (float32 logs)
     expected = {name.removeprefix("gate_"): tuple(v) if isinstance(v, list) else v for name, v in GIVEN[gate].items()}
     assert seen and all(call["gate"] == gate for call in seen)
     assert all(call.get(name) == value for call in seen for name, value in expected.items())

@@ -29,6 +29,11 @@ from .config import GateObjective
 
 MetricStore = MutableMapping[str, list[float]]
 
+INPUT_GATE_METRICS = {"dppo": ("dppo/masked_fraction",), "m2po": ("m2po/masked_fraction",),
+                      "bapo": ("bapo/c_low", "bapo/c_high")}
+"""The decisions of the gates that read more than r, logged as ``fused_gates.gate_inputs.input_gate_metrics``
+reports them."""
+
 
 @dataclass(frozen=True)
 class MetricSettings:
@@ -114,6 +119,10 @@ class LossMetrics:
             indicator_mean("cispo_clip_ratio", cispo_flags(ratio, adv, s.epsilon_high))
         elif gate == "vespo" and phi_seq is not None:
             sums["vespo/phi_seq_mean"] = (phi_seq.float().sum(), rows)
+        for name in INPUT_GATE_METRICS.get(gate, ()):  # what the gate decided for this micro-batch
+            value = out.metrics[name].float().reshape(())
+            # the masked share token-weighted over processes, BAPO's bounds averaged over processes
+            sums[name] = (value * count, count) if name.endswith("masked_fraction") else (value, rows.new_ones(()))
 
         # per-sequence values gathered from every process: the prompt group and its f'(r) sums, the ratio's range
         valid = m > 0
