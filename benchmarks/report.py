@@ -210,6 +210,8 @@ def plot(data: dict, path: Path) -> None:
 
     rows = [r for r in load(data) if not r.get("sweep") and r.get("budget_mb") is None and r["mode"] != E2E_MODE]
     modes = [m for m in ("fwd_bwd", "forward") if any(r["mode"] == m for r in rows)]
+    if not modes:  # e.g. a run of the end-to-end step alone: nothing to plot against N
+        return
     fig, axes = plt.subplots(len(modes), 2, figsize=(12, 4.2 * len(modes)), squeeze=False)
     names = sorted({r["implementation"] for r in rows}, key=_sort_key)
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
@@ -252,9 +254,11 @@ def main() -> None:
     data = json.loads(args.result.read_text())
     table = render(data)
     args.result.with_suffix(".md").write_text(table)
-    plot(data, args.result.with_suffix(".png"))
+    png = args.result.with_suffix(".png")
+    png.unlink(missing_ok=True)
+    plot(data, png)
     print(table)
-    print(f"wrote {args.result.with_suffix('.md')} and {args.result.with_suffix('.png')}")
+    print(f"wrote {args.result.with_suffix('.md')}" + (f" and {png}" if png.exists() else " (no row to plot)"))
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ CPU_MEMORY_BUDGET_MB = 512.0
 against ``6 n H V`` flops of products, so its share of a step is about ``8 F / (6 n B)`` (F flop/s, B bytes/s):
 with F ~ 0.2 TFLOP/s and B ~ 10 GB/s on two cores it stays under 5% from n ~ 530 rows, i.e. ~330 MB of float32
 logits at V = 152k. Measured at Qwen2.5-0.5B's head (2,048 tokens, 2 cores, best of 3 against the three bare
-products): 1.16x at 128 MiB, 1.09x at 256, 1.04x at 512 (benchmarks/results/); 512 MiB is ~17% of the
-materialised-logits version's extra memory there."""
+products of the same run): 1.13x at 128 MiB, 1.07x at 256, 1.04x at 512, with 134 / 238 / 371 MiB of extra memory
+against the materialised logits' 3,045 (benchmarks/results/cpu-fp32-2026-12-03-budget512.md)."""
 GPU_MEMORY_BUDGET_MB = 1792.0
 GPU_MIN_MEMORY_BUDGET_MB = 256.0
 GPU_FREE_MEMORY_SHARE = 0.1
