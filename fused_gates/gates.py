@@ -246,14 +246,8 @@ def register_gate(
     (``@triton.jit`` functions of ``(ratio, tau)``) let the Triton backend fuse the gate into its kernels. Returns
     the :class:`Gate`, also usable directly as ``gate=``.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty string, got {name!r}")
-    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
-        raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
-    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
-        raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
-    if not callable(value) or not callable(derivative):
-        raise TypeError("value and derivative must be callables (ratio, tau) -> tensor")
+    _check_new_name(name, overwrite)
+    _check_pair(value, derivative, "(ratio, tau)")
     if (triton_value is None) != (triton_derivative is None):
         raise TypeError("triton_value and triton_derivative must be given together")
     if not check_taus or any(not (t > 0) for t in check_taus):
@@ -263,6 +257,21 @@ def register_gate(
     _REGISTERED_INPUT_GATES.pop(name, None)
     _REGISTRY[name] = gate
     return gate
+
+
+def _check_new_name(name: object, overwrite: bool) -> None:
+    """A user gate's name: not a built-in, not taken unless ``overwrite`` (by either registry)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
+        raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
+    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
+        raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
+
+
+def _check_pair(value: object, derivative: object, arguments: str) -> None:
+    if not callable(value) or not callable(derivative):
+        raise TypeError(f"value and derivative must be callables {arguments} -> tensor")
 
 
 @dataclass(frozen=True)
@@ -302,14 +311,8 @@ def register_input_gate(
     from the ratio) and advantage sign. It runs on the torch backend and on the Triton backend's unfused path (the
     statistics kernel, the gate in torch, the gradient kernel), at ``importance_sampling_level="token"``. Selectable
     as ``gate=name`` (or the returned :class:`Gate`); not listed by :func:`available_gates`."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty string, got {name!r}")
-    if name in _BUILTIN_GATES or name in _POLICY_OBJECTIVES or name in _INPUT_GATES:
-        raise ValueError(f"name {name!r} is a built-in gate and cannot be replaced")
-    if (name in _REGISTRY or name in _REGISTERED_INPUT_GATES) and not overwrite:
-        raise ValueError(f"a gate named {name!r} is already registered; pass overwrite=True to replace it")
-    if not callable(value) or not callable(derivative):
-        raise TypeError("value and derivative must be callables (GateInputs) -> tensor")
+    _check_new_name(name, overwrite)
+    _check_pair(value, derivative, "(GateInputs)")
     for what, values in (("check_taus", check_taus), ("check_entropies", check_entropies)):
         if not values or any(not (v > 0) for v in values):
             raise ValueError(f"{what} must be a non-empty sequence of positive numbers, got {values!r}")

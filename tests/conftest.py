@@ -37,3 +37,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "triton" in item.nodeid.lower():
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """Tiny matrices in a whole module: one OpenMP thread (``trl_fixtures.single_thread``), by
+    ``pytestmark = pytest.mark.usefixtures("single_threaded")``."""
+    import trl_fixtures
+
+    with trl_fixtures.single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """The dense tiny model of ``trl_fixtures``, saved once per module (loaded by path, as users pass a name)."""
+    import trl_fixtures
+
+    return trl_fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny") / "dense", "dense")

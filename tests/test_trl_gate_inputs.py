@@ -16,16 +16,7 @@ from fused_gates.gates import INPUT_GATES
 from fused_gates.integrations.trl import GatedGRPOConfig, GatedGRPOTrainer
 from fused_gates.integrations.trl.config import resolve_objective
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with fixtures.single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny") / "dense", "dense")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def config(**options) -> GatedGRPOConfig:

@@ -21,16 +21,7 @@ from fused_gates.integrations.trl import GatedGRPOConfig, GatedGRPOTrainer
 from fused_gates.integrations.trl.sampler_support import KEPT_IDS_KEY, sampler_truncation
 from fused_gates.reference import reference_sampler_support
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with fixtures.single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny") / "dense", "dense")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 class TruncatedSampler:

@@ -25,16 +25,7 @@ from fused_gates.integrations.trl import GROUP_KEY, GatedGRPOConfig, GatedGRPOTr
 from fused_gates.integrations.trl.config import TRL_OBJECTIVES, resolve_objective
 from fused_gates.integrations.trl.metrics import LossMetrics, MetricSettings
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with fixtures.single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return fixtures.save_tiny_model(tmp_path_factory.mktemp("tiny") / "dense", "dense")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def config(**options) -> GatedGRPOConfig:
