@@ -384,11 +384,14 @@ def write_curves(rows: Sequence[Row], path: Path, *, smooth: int, labels: dict[s
     panels = (("answer_reward", "answer reward"), ("eur_off_policy", "EUR of the off-policy updates"),
               ("entropy", "entropy (nats)"), ("tau_pos", "tau_pos (adaptive runs; the others keep 10)"))
     gates = list(dict.fromkeys(str(row["gate"]) for row in rows))
+    # one colour per gate in every panel (the default cycle has 10)
+    colours = [f"C{index}" for index in range(len(gates))] if len(gates) <= 10 else [
+        plt.get_cmap("tab20")(index % 20) for index in range(len(gates))]
     for axis, (column, title) in zip(axes.flat, panels, strict=True):
-        for index, gate in enumerate(gates):  # one colour per gate in every panel
+        for gate, colour in zip(gates, colours, strict=True):
             steps, values = mean_over_seeds(rows, gate, column)
             if steps:
-                axis.plot(steps, moving_average(values, smooth), label=labels.get(gate, gate), color=f"C{index}")
+                axis.plot(steps, moving_average(values, smooth), label=labels.get(gate, gate), color=colour)
         axis.set_title(title)
         axis.grid(alpha=0.3)
     if eur_target is not None:
@@ -407,7 +410,7 @@ def write_paired(summaries: Sequence[GateSummary], path: Path) -> Path:
     from fused_gates.plots import pyplot, save_figure
 
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(9, 4.5))
+    figure, axis = plt.subplots(figsize=(max(9, 0.9 * len(summaries)), 4.5))
     gates = [summary.gate for summary in summaries]
     seeds = sorted({result.seed for summary in summaries for result in summary.per_seed})
     for seed in seeds:
@@ -416,7 +419,7 @@ def write_paired(summaries: Sequence[GateSummary], path: Path) -> Path:
         axis.plot(range(len(gates)), values, marker="o", alpha=0.7, label=f"seed {seed:g}")
     axis.plot(range(len(gates)), [summary.final_answer.mean for summary in summaries], color="black", linewidth=2.5,
               label="mean")
-    axis.set_xticks(range(len(gates)), gates)
+    axis.set_xticks(range(len(gates)), gates, rotation=30 if len(gates) > 6 else 0)
     axis.set_ylabel("final answer reward")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
