@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .gates import PAPER_GATES, GateParameters, available_gates, get_gate
+from .gates import INPUT_GATES, PAPER_GATES, GateParameters, available_gates, get_gate
 
 __all__ = [
     "RUN_METRICS",
@@ -226,6 +226,11 @@ def describe_gate(settings: dict[str, Any]) -> str | None:
         epsilon = settings.get("epsilon", 0.2)
         high = settings.get("epsilon_high")
         return f"clip (eps {epsilon:g})" if high in (None, epsilon) else f"clip (eps {epsilon:g} / {high:g})"
+    if gate in INPUT_GATES:  # no temperature: the options given (None: the paper's defaults)
+        given = [f"{name} {settings[name]:g}" for name in ("dppo_delta", "m2po_threshold", "bapo_rho",
+                                                           "aspo_dual_clip", "gmpo_epsilon")
+                 if settings.get(name) is not None]
+        return f"{gate} ({', '.join(given) if given else 'paper defaults'})"
     label = f"{gate} (tau+ {settings.get('tau_pos', 1.0):g}, tau- {settings.get('tau_neg', 1.05):g}"
     if settings.get("eur_target") is not None:
         label += f", adapted to EUR {settings['eur_target']:g}"

@@ -268,3 +268,45 @@ def test_adaptive_run_curves_use_the_logged_off_policy_eur_and_add_the_temperatu
     assert eur.step == [2, 4] and eur.y == pytest.approx([0.7, 0.9])  # eur/off_policy, never the on-policy 1.0
     assert [curve.label for curve in curves["gate tau_pos (adaptive)"]] == [adaptive.label]
     assert list(run_curves([fixed])) == ["reward", "entropy", "EUR"]
+
+
+def test_toy_study_append_keeps_the_other_runs_and_replaces_the_redone_ones() -> None:
+    from fused_gates.integrations.app.toy_study import merge_rows, read_rows
+
+    kept = read_rows(FIXTURES / "toy_runs.csv")  # clip and erf, seeds 0 and 1
+    new = [{**row, "gate": "dppo"} for row in kept if row["gate"] == "clip"]
+    redone = [{**row, "answer_reward": 0.125} for row in kept if row["gate"] == "erf" and row["seed"] == 1]
+    merged = merge_rows(kept, [*new, *redone])
+    assert list(dict.fromkeys(str(row["gate"]) for row in merged)) == ["clip", "erf", "dppo"]
+    assert [row for row in merged if row["gate"] in ("clip", "dppo")] == [
+        *(row for row in kept if row["gate"] == "clip"), *new]
+    assert [row for row in merged if row["gate"] == "erf"] == [
+        *(row for row in kept if row["gate"] == "erf" and row["seed"] == 0), *redone]
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    pytest.param(["--append", "--summarise-only"], "--summarise-only runs none", id="append-summarise-only"),
+    pytest.param(["--append", "--gates", "dppo"], "no ", id="append-without-runs-csv"),
+])
+def test_toy_study_append_is_refused_where_it_has_nothing_to_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str) -> None:
+    from fused_gates.integrations.app.toy_study import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("gate", "option"), [
+    pytest.param("dppo", "dppo_delta", id="dppo"),
+    pytest.param("m2po", "m2po_threshold", id="m2po"),
+    pytest.param("bapo", "bapo_rho", id="bapo"),
+    pytest.param("aspo", "aspo_dual_clip", id="aspo"),
+    pytest.param("gmpo", "gmpo_epsilon", id="gmpo"),
+])
+def test_gates_reading_more_than_the_ratio_are_labelled_by_their_options_not_temperatures(gate: str,
+                                                                                         option: str) -> None:
+    settings = {"gate": gate, "tau_pos": 10.0, "tau_neg": 12.0, "epsilon": 0.2, option: None}  # the script's defaults
+    assert describe_gate(settings) == f"{gate} (paper defaults)"
+    assert describe_gate({**settings, option: 0.3}) == f"{gate} ({option} 0.3)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_gates import PAPER_GATES
+from fused_gates import INPUT_GATES, PAPER_GATES
 from fused_gates.integrations.app import settings as train_settings
 from fused_gates.integrations.app import train as train_grpo
 from fused_gates.integrations.app.data import (
@@ -44,6 +44,7 @@ from fused_gates.integrations.app.tiny_model import (
     save_tiny,
 )
 from fused_gates.integrations.app.warmup import supervised_warmup, warmup_completion
+from fused_gates.integrations.trl import GatedGRPOConfig
 
 
 def dry_run(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
@@ -140,6 +141,14 @@ def test_offline_preset_warms_up_then_trains_on_the_small_task(capsys: pytest.Ca
     pytest.param(["--gate", "clip", "--tau-pos", "3"], "--tau-pos: not used by --gate clip", id="tau-with-clip"),
     pytest.param(["--gate", "erf", "--epsilon", "0.3"], "--epsilon: not used by --gate erf", id="epsilon-with-erf"),
     pytest.param(["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--sft-steps", "5"], "--sft-steps", id="warm-up-hub-model"),
+    pytest.param(["--gate", "dppo", "--epsilon", "0.3"], "--epsilon: not used by --gate dppo", id="epsilon-with-dppo"),
+    pytest.param(["--gate", "gmpo", "--tau-pos", "3"], "--tau-pos: not used by --gate gmpo", id="tau-with-gmpo"),
+    pytest.param(["--gate", "clip", "--dppo-delta", "0.1"], "--dppo-delta: only applies to gate='dppo'",
+                 id="dppo-delta-with-clip"),
+    pytest.param(["--gate", "m2po", "--bapo-rho", "0.4"], "--bapo-rho: only applies to gate='bapo'",
+                 id="bapo-rho-with-m2po"),
+    pytest.param(["--gate", "bapo", "--bapo-rho", "1"], "argument --bapo-rho", id="bapo-rho-1"),
+    pytest.param(["--gate", "aspo", "--aspo-dual-clip", "0.5"], "--aspo-dual-clip:", id="aspo-dual-clip-below-1"),
 ])
 def test_bad_flags_exit_2_naming_them(capsys: pytest.CaptureFixture[str], flags: list[str], named: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -151,6 +160,31 @@ def test_bad_flags_exit_2_naming_them(capsys: pytest.CaptureFixture[str], flags:
 @pytest.mark.parametrize("gate", PAPER_GATES)
 def test_builtin_gates_are_accepted(capsys: pytest.CaptureFixture[str], gate: str) -> None:
     assert dry_run(capsys, "--gate", gate)["trainer_args"]["gate"] == gate
+
+
+@pytest.mark.parametrize("gate", INPUT_GATES)
+def test_gates_reading_more_than_the_ratio_are_accepted_with_the_papers_defaults(
+        capsys: pytest.CaptureFixture[str], gate: str) -> None:
+    trainer = dry_run(capsys, "--gate", gate)["trainer_args"]
+    assert trainer["gate"] == gate
+    assert "gate_tau_pos" not in trainer and "gate_tau_neg" not in trainer
+    assert not [name for name in trainer if name.startswith(("gate_dppo", "gate_m2po", "gate_bapo", "gate_aspo",
+                                                              "gate_gmpo"))]  # None: the paper's default
+    GatedGRPOConfig(**trainer)  # the trainer takes them as they are
+
+
+@pytest.mark.parametrize(("gate", "flag", "value", "field"), [
+    pytest.param("dppo", "--dppo-delta", "0.1", "gate_dppo_delta", id="dppo"),
+    pytest.param("m2po", "--m2po-threshold", "0.02", "gate_m2po_threshold", id="m2po"),
+    pytest.param("bapo", "--bapo-rho", "0.4", "gate_bapo_rho", id="bapo"),
+    pytest.param("aspo", "--aspo-dual-clip", "2.5", "gate_aspo_dual_clip", id="aspo"),
+    pytest.param("gmpo", "--gmpo-epsilon", "0.3", "gate_gmpo_epsilon", id="gmpo"),
+])
+def test_the_option_of_a_gate_reading_more_than_the_ratio_reaches_the_trainer(
+        capsys: pytest.CaptureFixture[str], gate: str, flag: str, value: str, field: str) -> None:
+    trainer = dry_run(capsys, "--gate", gate, flag, value)["trainer_args"]
+    assert trainer[field] == float(value)
+    assert GatedGRPOConfig(**trainer).gate == gate
 
 
 def test_an_unknown_gate_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,10 @@ Presets (``--preset``), every value overridable by its flag:
 Rule: ``--preset`` defaults to ``paper`` when ``--model`` is given and to ``offline`` otherwise, so running with no
 arguments is always the local run (also on a GPU machine) and naming a model asks for the real recipe.
 
+``--gate`` takes the paper's gates, the gates that read more than r (``dppo``, ``m2po``, ``bapo``, ``aspo``,
+``gmpo``: ``fused_gates.gate_inputs``; their scalar options as ``--dppo-delta`` ... ``--gmpo-epsilon``, BAPO's bounds
+and steps at the paper's values) and registered gates; a flag the gate does not use is refused.
+
 ``--eur-target E`` adapts both gate temperatures after every optimiser step so that the off-policy EUR approaches E
 (``adaptive_gate.py``); ``--dry-run`` prints the resolved configuration as JSON.
 """
@@ -31,7 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fused_gates import BACKENDS, PAPER_GATES, available_gates, get_gate
+from fused_gates import BACKENDS, INPUT_GATES, PAPER_GATES, available_gates, get_gate
+from fused_gates.gate_inputs import resolve_input_parameters
 from fused_gates.validation import number_argument
 
 __all__ = [
@@ -119,6 +124,14 @@ def _adaptive(name: str) -> Callable[[Any, RunSettings], dict[str, Any]]:
     return lambda value, settings: ({name: value} if settings.eur_target is not None and value is not None else {})
 
 
+def _input_option(name: str) -> Callable[[Any, RunSettings], dict[str, Any]]:
+    # a hyperparameter of the gates that read more than r; None: the paper's default (fused_gates.gate_inputs)
+    return lambda value, settings: {f"gate_{name}": value} if value is not None else {}
+
+
+_INPUT_OPTIONS = ("dppo_delta", "m2po_threshold", "bapo_rho", "aspo_dual_clip", "gmpo_epsilon")
+
+
 def _save_steps(value: int, settings: RunSettings) -> dict[str, Any]:
     return {"save_strategy": "steps" if value > 0 else "no", "save_steps": max(value, 1)}
 
@@ -151,8 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sft_answers", "true", choices=("true", "shuffled"), group=WARMUP,
             help="true: the right answers; shuffled: another prompt's answer (format only, a control)",
             annotation="str"),
-    Setting("gate", "erf", group=GATE, help=f"{', '.join(PAPER_GATES)} or a name given to fused_gates.register_gate",
-            trainer="gate", annotation="str"),
+    Setting("gate", "erf", group=GATE, help=f"{', '.join((*PAPER_GATES, *INPUT_GATES))} or a name given to "
+            "fused_gates.register_gate", trainer="gate", annotation="str"),
     Setting("gate_module", action="append", group=GATE, help="module to import first (it may register gates)",
             field=False),
     Setting("tau_pos", 10.0, type=positive_float, group=GATE,
@@ -167,10 +180,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("eur_rate", None, type=rate_interval, group=GATE,  # None: the controller's default
             help="controller rate for --eur-target (default: 0.25)", trainer=_adaptive("gate_eur_rate"),
             annotation="float | None"),
-    Setting("epsilon", 0.2, type=unit_interval, group=GATE, help="clip range of --gate clip (GRPO)",
+    Setting("epsilon", 0.2, type=unit_interval, group=GATE, help="clip range of --gate clip (GRPO) and aspo",
             trainer="epsilon", annotation="float"),
     Setting("epsilon_high", None, type=positive_float, group=GATE,
             help="upper clip range of --gate clip (default: --epsilon)", trainer="epsilon_high",
+            annotation="float | None"),
+    # the gates that read more than r (fused_gates.gate_inputs); the vector options (bapo's bounds and steps) keep the
+    # paper's defaults here
+    Setting("dppo_delta", None, type=positive_float, group=GATE, help="--gate dppo: bound on |p - p_old| (0.15)",
+            trainer=_input_option("dppo_delta"), annotation="float | None"),
+    Setting("m2po_threshold", None, type=positive_float, group=GATE,
+            help="--gate m2po: bound on the second moment of log r (0.04)", trainer=_input_option("m2po_threshold"),
+            annotation="float | None"),
+    Setting("bapo_rho", None, type=unit_interval, group=GATE,
+            help="--gate bapo: target share of positive tokens in the loss (0.5)", trainer=_input_option("bapo_rho"),
+            annotation="float | None"),
+    Setting("aspo_dual_clip", None, type=positive_float, group=GATE,
+            help="--gate aspo: soft dual clip of the importance weight (3)", trainer=_input_option("aspo_dual_clip"),
+            annotation="float | None"),
+    Setting("gmpo_epsilon", None, type=positive_float, group=GATE,
+            help="--gate gmpo: log-space clip range of the token ratios (0.4)", trainer=_input_option("gmpo_epsilon"),
             annotation="float | None"),
     Setting("gate_backend", "auto", choices=BACKENDS, group=GATE, trainer="gate_backend", annotation="str"),
     Setting("gate_memory_budget_mb", None, type=positive_float, group=GATE, trainer="gate_memory_budget_mb",
@@ -328,17 +357,27 @@ def parse_command_line(argv: Sequence[str] | None) -> tuple[RunSettings, RunCont
 
 
 def _check_combinations(parser: argparse.ArgumentParser, settings: RunSettings, given: set[str]) -> None:
-    if settings.gate not in available_gates():
-        parser.error(f"unknown gate {settings.gate!r}; available: {', '.join(sorted(available_gates()))}")
+    if settings.gate not in available_gates() and settings.gate not in INPUT_GATES:
+        known = sorted((*available_gates(), *INPUT_GATES))
+        parser.error(f"unknown gate {settings.gate!r}; available: {', '.join(known)}")
     # An option the gate does not use is refused rather than ignored.
     if gate_has_temperature(settings.gate):
         names, reason = ("epsilon", "epsilon_high"), "the clip range of --gate clip"
     else:
         names, reason = ("tau_pos", "tau_neg"), f"{settings.gate!r} has no temperature"
     unused = [name for name in names if name in given]
+    if settings.gate in INPUT_GATES and settings.gate != "aspo":  # of these, only ASPO's clip takes the epsilons
+        unused += [name for name in ("epsilon", "epsilon_high") if name in given]
+        reason = f"{settings.gate!r} has neither temperature nor clip range"
     if unused:
         flags = " and ".join("--" + name.replace("_", "-") for name in unused)
         parser.error(f"{flags}: not used by --gate {settings.gate} ({reason})")
+    options = {name: getattr(settings, name) for name in _INPUT_OPTIONS}
+    try:
+        resolve_input_parameters(get_gate(settings.gate), options)
+    except (TypeError, ValueError) as error:
+        name, _, message = str(error).partition(": ")
+        parser.error(f"--{name.replace('_', '-')}: {message}")
     if settings.sft_steps > 0 and not (settings.uses_tiny_model and settings.dataset == "synthetic"):
         parser.error("--sft-steps (the format warm-up) works with the tiny local model on --dataset synthetic only; "
                      "pass --sft-steps 0 for other models")

@@ -1,5 +1,6 @@
-"""The toy gate study: the training script's offline default for GRPO's clip, the four soft gates and erf with an
-adaptive temperature, several seeds each, summarised per gate and paired against clip.
+"""The toy gate study: the training script's offline default for GRPO's clip, the four soft gates, erf with an
+adaptive temperature and the gates that read more than the ratio, several seeds each, summarised per gate and paired
+against clip.
 
     python -m fused_gates.integrations.app.toy_study --seeds 5 --out docs/toy-study [--resume]
 
@@ -8,7 +9,12 @@ gate of seed k starts RL from this same model, data and sampling seed), then tra
 
 * ``clip`` with epsilon 0.2 (GRPO);
 * ``sigmoid`` (SAPO), ``erf``, ``arctan``, ``softsign`` with tau_pos 10, tau_neg 12 (the paper's pair);
-* ``erf-adaptive``: erf starting from 10 / 12 with ``--eur-target 0.8`` (``adaptive_gate.py``).
+* ``erf-adaptive``: erf starting from 10 / 12 with ``--eur-target 0.8`` (``adaptive_gate.py``);
+* ``dppo``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``: the gates that read more than r (``fused_gates.gate_inputs``),
+  each with its paper's defaults.
+
+``--gates`` runs some of them only; with ``--append`` the rows of ``<out>/runs.csv`` of the other gates and seeds
+are kept (a seed's warm-up is deterministic, so runs added later stay paired with the earlier ones of their seed).
 
 Runs go to ``<runs-dir>/<gate>-seed<k>`` (default ``out/toy-study``, not committed). The study is resumable: with
 ``--resume`` a run that finished is not rerun and an interrupted one is started over, so an interrupted study
@@ -41,12 +47,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fused_gates import INPUT_GATES
 from fused_gates.plots import describe_gate, load_run, metric_points, moving_average, off_policy_eur
 
 from .run_folder import FolderError, SignalFlag, clear_folder, refuse_reuse, stop_on_signals
 
-__all__ = ["STUDY_GATES", "GateSummary", "PairedComparison", "StudyGate", "format_summary", "main", "paired_with",
-           "summarise"]
+__all__ = ["STUDY_GATES", "GateSummary", "PairedComparison", "StudyGate", "format_summary", "main", "merge_rows",
+           "paired_with", "summarise"]
 
 Row = dict[str, float | str]
 
@@ -65,6 +72,8 @@ STUDY_GATES: tuple[StudyGate, ...] = (
     StudyGate("arctan", ("--gate", "arctan", *SOFT)),
     StudyGate("softsign", ("--gate", "softsign", *SOFT)),
     StudyGate("erf-adaptive", ("--gate", "erf", *SOFT, "--eur-target", "0.8")),
+    # the gates that read more than r (fused_gates.gate_inputs), each with its paper's defaults
+    *(StudyGate(name, ("--gate", name)) for name in INPUT_GATES),
 )
 BASELINE = "clip"
 
@@ -152,6 +161,13 @@ def read_rows(path: str | Path) -> list[Row]:
     with Path(path).open(newline="") as handle:
         return [{key: value if key == "gate" else (float(value) if value else math.nan) for key, value in row.items()}
                 for row in csv.DictReader(handle)]
+
+
+def merge_rows(kept: Sequence[Row], new: Sequence[Row]) -> list[Row]:
+    """``kept`` without the (gate, seed) runs that ``new`` holds, then ``new``: a study extended by some gates (or a
+    run redone) keeps the other runs' rows."""
+    redone = {(str(row["gate"]), float(row["seed"])) for row in new}
+    return [row for row in kept if (str(row["gate"]), float(row["seed"])) not in redone] + list(new)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -368,11 +384,14 @@ def write_curves(rows: Sequence[Row], path: Path, *, smooth: int, labels: dict[s
     panels = (("answer_reward", "answer reward"), ("eur_off_policy", "EUR of the off-policy updates"),
               ("entropy", "entropy (nats)"), ("tau_pos", "tau_pos (adaptive runs; the others keep 10)"))
     gates = list(dict.fromkeys(str(row["gate"]) for row in rows))
+    # one colour per gate in every panel (the default cycle has 10)
+    colours = [f"C{index}" for index in range(len(gates))] if len(gates) <= 10 else [
+        plt.get_cmap("tab20")(index % 20) for index in range(len(gates))]
     for axis, (column, title) in zip(axes.flat, panels, strict=True):
-        for index, gate in enumerate(gates):  # one colour per gate in every panel
+        for gate, colour in zip(gates, colours, strict=True):
             steps, values = mean_over_seeds(rows, gate, column)
             if steps:
-                axis.plot(steps, moving_average(values, smooth), label=labels.get(gate, gate), color=f"C{index}")
+                axis.plot(steps, moving_average(values, smooth), label=labels.get(gate, gate), color=colour)
         axis.set_title(title)
         axis.grid(alpha=0.3)
     if eur_target is not None:
@@ -391,7 +410,7 @@ def write_paired(summaries: Sequence[GateSummary], path: Path) -> Path:
     from fused_gates.plots import pyplot, save_figure
 
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(9, 4.5))
+    figure, axis = plt.subplots(figsize=(max(9, 0.9 * len(summaries)), 4.5))
     gates = [summary.gate for summary in summaries]
     seeds = sorted({result.seed for summary in summaries for result in summary.per_seed})
     for seed in seeds:
@@ -400,7 +419,7 @@ def write_paired(summaries: Sequence[GateSummary], path: Path) -> Path:
         axis.plot(range(len(gates)), values, marker="o", alpha=0.7, label=f"seed {seed:g}")
     axis.plot(range(len(gates)), [summary.final_answer.mean for summary in summaries], color="black", linewidth=2.5,
               label="mean")
-    axis.set_xticks(range(len(gates)), gates)
+    axis.set_xticks(range(len(gates)), gates, rotation=30 if len(gates) > 6 else 0)
     axis.set_ylabel("final answer reward")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
@@ -425,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=0.5, help="answer reward for 'steps to threshold'")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window, in logged values")
     parser.add_argument("--summarise-only", action="store_true", help="only summarise the runs already in --out")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of runs.csv in --out of the gates and seeds not run now (paired seeds: "
+                             "the warm-up of a seed is deterministic)")
     folder = parser.add_mutually_exclusive_group()
     folder.add_argument("--resume", action="store_true",
                         help="continue the study in --runs-dir: finished runs are kept, interrupted ones rerun")
@@ -441,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gates = [gate for gate in STUDY_GATES if gate.name in args.gates]
+    if args.append and args.summarise_only:
+        parser.error("--append adds runs to runs.csv; --summarise-only runs none")
+    if args.append and not (out / "runs.csv").is_file():
+        parser.error(f"--append: no {out / 'runs.csv'} to add the runs to")
     if args.summarise_only:
         rows = read_rows(out / "runs.csv")
     else:
@@ -465,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[toy study] {len(folders)} runs in {(time.perf_counter() - began) / 60:.1f} min "
               "(finished runs already present were reused)", flush=True)
         rows = collect_rows(folders)
+        if args.append:
+            rows = merge_rows(read_rows(out / "runs.csv"), rows)
         write_rows(rows, out / "runs.csv")
     options = {"final_window": args.final_window, "threshold": args.threshold, "smooth": args.smooth}
     summaries = summarise(rows, **options)
