@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fused_gates import BACKENDS, INPUT_GATES, PAPER_GATES, available_gates, get_gate
+from fused_gates.gate_inputs import DEFAULTS as D
 from fused_gates.gate_inputs import resolve_input_parameters
 from fused_gates.validation import number_argument
 
@@ -187,20 +188,15 @@ SETTINGS: tuple[Setting, ...] = (
             annotation="float | None"),
     # the gates that read more than r (fused_gates.gate_inputs); the vector options (bapo's bounds and steps) keep the
     # paper's defaults here
-    Setting("dppo_delta", None, type=positive_float, group=GATE, help="--gate dppo: bound on |p - p_old| (0.15)",
-            trainer=_input_option("dppo_delta"), annotation="float | None"),
-    Setting("m2po_threshold", None, type=positive_float, group=GATE,
-            help="--gate m2po: bound on the second moment of log r (0.04)", trainer=_input_option("m2po_threshold"),
-            annotation="float | None"),
-    Setting("bapo_rho", None, type=unit_interval, group=GATE,
-            help="--gate bapo: target share of positive tokens in the loss (0.5)", trainer=_input_option("bapo_rho"),
-            annotation="float | None"),
-    Setting("aspo_dual_clip", None, type=positive_float, group=GATE,
-            help="--gate aspo: soft dual clip of the importance weight (3)", trainer=_input_option("aspo_dual_clip"),
-            annotation="float | None"),
-    Setting("gmpo_epsilon", None, type=positive_float, group=GATE,
-            help="--gate gmpo: log-space clip range of the token ratios (0.4)", trainer=_input_option("gmpo_epsilon"),
-            annotation="float | None"),
+    *(Setting(name, None, type=kind, group=GATE, help=f"--gate {gate}: {what} ({default:g})",
+              trainer=_input_option(name), annotation="float | None")
+      for name, gate, kind, what, default in (
+          ("dppo_delta", "dppo", positive_float, "bound on |p - p_old|", D.dppo_delta_high),
+          ("m2po_threshold", "m2po", positive_float, "bound on the second moment of log r", D.m2po_threshold),
+          ("bapo_rho", "bapo", unit_interval, "target share of positive tokens in the loss", D.bapo_rho),
+          ("aspo_dual_clip", "aspo", positive_float, "soft dual clip of the importance weight", D.aspo_dual_clip),
+          ("gmpo_epsilon", "gmpo", positive_float, "log-space clip range of the token ratios", D.gmpo_epsilon_high),
+      )),
     Setting("gate_backend", "auto", choices=BACKENDS, group=GATE, trainer="gate_backend", annotation="str"),
     Setting("gate_memory_budget_mb", None, type=positive_float, group=GATE, trainer="gate_memory_budget_mb",
             annotation="float | None"),

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from fused_gates import BACKENDS, NONFINITE_POLICIES, POLICY_OBJECTIVES, get_gate
+from fused_gates.gate_inputs import DEFAULTS as D
 from fused_gates.gate_inputs import GATE_OPTIONS, resolve_input_parameters
 from fused_gates.validation import check_number
 
@@ -116,25 +117,29 @@ class GatedGRPOConfig(GRPOConfig):
     )
 
     gate_dppo_delta: float | None = field(
-        default=None, metadata={"help": "gate='dppo': bound on |p - p_old| (default 0.15)."}
+        default=None, metadata={"help": f"gate='dppo': bound on |p - p_old| (default {D.dppo_delta_high:g})."}
     )
     gate_m2po_threshold: float | None = field(
-        default=None, metadata={"help": "gate='m2po': bound tau_M2 on the second moment of log r (default 0.04)."}
+        default=None,
+        metadata={"help": f"gate='m2po': bound tau_M2 on the second moment of log r (default {D.m2po_threshold:g})."},
     )
     gate_bapo_rho: float | None = field(
-        default=None, metadata={"help": "gate='bapo': target share rho_0 of positive tokens in the loss (0.5)."}
+        default=None,
+        metadata={"help": f"gate='bapo': target share rho_0 of positive tokens in the loss ({D.bapo_rho:g})."},
     )
     gate_bapo_bounds: list[float] | None = field(
-        default=None, metadata={"help": "gate='bapo': ranges (a-, b-, a+, b+) of c_low, c_high (0.6, 0.9, 1.2, 3)."}
+        default=None, metadata={"help": f"gate='bapo': ranges (a-, b-, a+, b+) of c_low, c_high {D.bapo_bounds}."}
     )
     gate_bapo_steps: list[float] | None = field(
-        default=None, metadata={"help": "gate='bapo': steps (delta_1, delta_2) of c_high, c_low (0.1, 0.05)."}
+        default=None, metadata={"help": f"gate='bapo': steps (delta_1, delta_2) of c_high, c_low {D.bapo_steps}."}
     )
     gate_aspo_dual_clip: float | None = field(
-        default=None, metadata={"help": "gate='aspo': soft dual clip c of the importance weight (default 3)."}
+        default=None,
+        metadata={"help": f"gate='aspo': soft dual clip c of the importance weight (default {D.aspo_dual_clip:g})."},
     )
     gate_gmpo_epsilon: float | None = field(
-        default=None, metadata={"help": "gate='gmpo': log-space clip range of the token ratios (default 0.4)."}
+        default=None,
+        metadata={"help": f"gate='gmpo': log-space clip range of the token ratios (default {D.gmpo_epsilon_high:g})."},
     )
 
     def __post_init__(self):
