@@ -132,7 +132,7 @@ def gated_policy_loss(
         gate: a registered gate name (``clip``, ``sigmoid``, ``erf``, ``arctan``, ``softsign``, or one added with
             :func:`fused_gates.register_gate`), TRL's detached-weight objectives ``cispo`` (weight
             ``min(r, epsilon_high)``) and ``vespo`` (TRL's gamma weight of the row's ratio), the trust-region
-            objectives that read more than the ratio ``dppo``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``
+            objectives that read more than the ratio ``dppo``, ``dppo_kl``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``
             (:mod:`fused_gates.gate_inputs`), or a :class:`Gate`.
         epsilon_high: defaults to ``epsilon_low``.
         delta: ``gate="clip"`` only: TRL's two-sided clipping, the unclipped term's ratio capped at ``delta``.
@@ -192,8 +192,9 @@ def gated_policy_loss(
             Works with ``sequence_group`` (each rank's slice of the packed rows). See :mod:`fused_gates.packed_rows`.
         dppo_delta, m2po_threshold, bapo_rho, bapo_bounds, bapo_steps, aspo_dual_clip, gmpo_epsilon: the
             hyperparameters of the gates that read more than the ratio (``gate=`` ``"dppo"`` (DPPO-Binary-TV),
-            ``"m2po"``, ``"bapo"``, ``"aspo"``, ``"gmpo"``; each refused with any other gate; None: the paper's
-            default): DPPO's probability-difference bound delta (0.15; a number or a ``(low, high)`` pair in (0, 1]),
+            ``"dppo_kl"`` (DPPO-Binary-KL), ``"m2po"``, ``"bapo"``, ``"aspo"``, ``"gmpo"``; each refused with any other
+            gate; None: the paper's default): DPPO's divergence bound delta (a number or a ``(low, high)`` pair:
+            Binary-TV's bound on the probability difference, 0.15, in (0, 1]; Binary-KL's bound on the KL, 0.05),
             M2PO's second-moment bound tau_M2 (0.04), BAPO's target share rho_0 of positive tokens (0.5, in (0, 1)),
             its ranges ``(a-, b-, a+, b+)`` of c_low and c_high ((0.6, 0.9, 1.2, 3.0)) and steps ``(delta_1,
             delta_2)`` ((0.1, 0.05)), ASPO's soft dual clip c (3, > 1; its clip uses ``epsilon_low`` /

@@ -26,6 +26,14 @@ mask's weights (fractional masks weight tokens), per token:
     authors' released Binary-TV run scripts); the truncation ``C = 20`` of the importance weight is verl's
     ``clip_ratio_c`` default for its ``dppo_tv`` loss, which the paper leaves to the implementation.
     ``gate_grad = min(r, C) valid / r``.
+``dppo_kl`` -- DPPO-Binary-KL, the same paper: the divergence is the KL between the two-outcome distributions
+    (the token, everything else) of the behaviour and current policies,
+    ``D = p_old log(p_old / p) + (1 - p_old) log((1 - p_old) / (1 - p))``, and a token is trusted unless it moves
+    the wrong way past the bound: ``valid = D <= delta_high or p <= p_old`` where ``A > 0``, ``D <= delta_low or
+    p >= p_old`` otherwise (as verl's ``dppo_kl`` writes it); the rest as ``dppo``. delta = 0.05 on both sides (the
+    authors' Binary-KL run scripts). ``D`` is formed exactly (``log(1 - p)`` from ``logp`` without cancellation;
+    verl adds 1e-8 inside the logarithms): ``(1 - p_old) log(...)`` is 0 where ``p_old = 1`` and ``D = inf`` where
+    ``p = 1 > p_old``.
 ``m2po`` -- Zheng et al. 2025, "Second-Moment Trust Policy Optimization" (arXiv:2510.01161): a batch statistic.
     The tokens with the largest ``(log r)^2`` are masked, largest first, until the second moment
     ``sum m (log r)^2 / sum m`` over the tokens kept is at most ``tau_M2 = 0.04``; ``P = -M r A`` with the mask
@@ -60,14 +68,15 @@ A user's gate of (r, tau) and the token's other inputs (the entropy, ``logp``, `
 its other inputs held constant (no gradient through the entropy). It is checked against the paper's properties as
 a function of r at fixed other inputs when registered.
 
-Which inputs a gate reads: dppo ``logp, old_logp, A``; m2po ``logp, old_logp, A, m`` and the batch; bapo the same;
-aspo ``logp, old_logp, A``; gmpo ``logp, old_logp, A, m`` and the row. The importance-sampling level is each
-gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory budget:
+Which inputs a gate reads: dppo and dppo_kl ``logp, old_logp, A``; m2po ``logp, old_logp, A, m`` and the batch;
+bapo the same; aspo ``logp, old_logp, A``; gmpo ``logp, old_logp, A, m`` and the row. The importance-sampling level
+is each gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory budget:
 when the batch fits one chunk the loss, gradient coefficients and gradients come from the same pass (three
 products); otherwise the forward takes the statistics pass and the backward recomputes the logits (four products),
 as for a row longer than a chunk (``fused_gates.chunk_driver``). On the Triton backend these gates take the
 unfused path (the statistics kernel, this module in torch, the gradient kernel): no extra product, but no fused
-epilogue either. DPPO-Binary-KL and the Top-K divergence approximations are not implemented.
+epilogue either. DPPO's Top-K divergence approximation (which needs the behaviour policy's top-K probabilities
+per token) is not implemented.
 """
 
 from __future__ import annotations
@@ -95,8 +104,10 @@ BAPO_TOLERANCE = 1e-9
 class InputGateParameters:
     """The hyperparameters of the gates of this module, with each paper's defaults (module docstring)."""
 
-    dppo_delta_low: float = 0.15
+    dppo_delta_low: float = 0.15  # the bound of the gate chosen: Binary-TV's here, Binary-KL's below
     dppo_delta_high: float = 0.15
+    dppo_kl_delta_low: float = 0.05
+    dppo_kl_delta_high: float = 0.05
     m2po_threshold: float = 0.04
     bapo_rho: float = 0.5
     bapo_bounds: tuple[float, float, float, float] = (0.6, 0.9, 1.2, 3.0)  # a-, b-, a+, b+
@@ -109,7 +120,7 @@ class InputGateParameters:
 DEFAULTS = InputGateParameters()
 
 GATE_OPTIONS = {
-    "dppo_delta": ("dppo",),
+    "dppo_delta": ("dppo", "dppo_kl"),
     "m2po_threshold": ("m2po",),
     "bapo_rho": ("bapo",),
     "bapo_bounds": ("bapo",),
@@ -141,8 +152,11 @@ def resolve_input_parameters(gate: Gate, options: dict[str, object]) -> InputGat
         return None
     d = DEFAULTS
     dppo = options.get("dppo_delta")
-    dppo_low, dppo_high = (d.dppo_delta_low, d.dppo_delta_high) if dppo is None else _pair(
-        "dppo_delta", dppo, minimum=0.0, maximum=1.0)
+    if gate.name == "dppo_kl":  # a KL bound: any positive number
+        dppo_low, dppo_high = (d.dppo_kl_delta_low, d.dppo_kl_delta_high) if dppo is None else _pair("dppo_delta", dppo)
+    else:  # a bound on a probability difference
+        dppo_low, dppo_high = (d.dppo_delta_low, d.dppo_delta_high) if dppo is None else _pair(
+            "dppo_delta", dppo, minimum=0.0, maximum=1.0)
     threshold = options.get("m2po_threshold")
     threshold = d.m2po_threshold if threshold is None else check_number("m2po_threshold", threshold)
     rho = options.get("bapo_rho")
@@ -155,7 +169,8 @@ def resolve_input_parameters(gate: Gate, options: dict[str, object]) -> InputGat
     dual = d.aspo_dual_clip if dual is None else check_number("aspo_dual_clip", dual, minimum=1.0)
     gmpo = options.get("gmpo_epsilon")
     gmpo_low, gmpo_high = (d.gmpo_epsilon_low, d.gmpo_epsilon_high) if gmpo is None else _pair("gmpo_epsilon", gmpo)
-    return InputGateParameters(dppo_low, dppo_high, threshold, rho, bounds, steps, dual, gmpo_low, gmpo_high)
+    return InputGateParameters(dppo_low, dppo_high, d.dppo_kl_delta_low, d.dppo_kl_delta_high, threshold, rho, bounds,
+                               steps, dual, gmpo_low, gmpo_high)
 
 
 def _check_bapo_bounds(value: object) -> tuple[float, float, float, float]:
@@ -222,8 +237,8 @@ def evaluate_input_gate(gate: Gate, logprobs: Tensor, entropy: Tensor, tokens: T
         value, derivative = gate.value(read), gate.derivative(read)
         return InputGateTerms(ratio, value, derivative, -value * advantages, -derivative * advantages, zeros)
     assert inputs is not None
-    if gate.name == "dppo":
-        return _dppo(logprobs, old, ratio, advantages, inputs, zeros)
+    if gate.name in ("dppo", "dppo_kl"):
+        return _dppo(gate.name, logprobs, old, ratio, advantages, inputs, zeros)
     if gate.name == "m2po":
         keep = m2po_keep(log_ratio, tokens.mask, inputs.m2po_threshold)
         return InputGateTerms(ratio, keep * ratio, _unclipped_at_zero(keep, advantages), -keep * ratio * advantages,
@@ -236,13 +251,33 @@ def evaluate_input_gate(gate: Gate, logprobs: Tensor, entropy: Tensor, tokens: T
     return _gmpo(logprobs, old, advantages, tokens, inputs, zeros)
 
 
-def _dppo(logprobs: Tensor, old: Tensor, ratio: Tensor, advantages: Tensor, inputs: InputGateParameters,
+def _dppo(name: str, logprobs: Tensor, old: Tensor, ratio: Tensor, advantages: Tensor, inputs: InputGateParameters,
           zeros: Tensor) -> InputGateTerms:
-    shift = torch.exp(logprobs) - torch.exp(old)
-    valid = torch.where(advantages > 0, shift <= inputs.dppo_delta_high, shift >= -inputs.dppo_delta_low)
+    if name == "dppo":
+        shift = torch.exp(logprobs) - torch.exp(old)
+        valid = torch.where(advantages > 0, shift <= inputs.dppo_delta_high, shift >= -inputs.dppo_delta_low)
+    else:
+        divergence = binary_kl(old, logprobs)
+        valid = torch.where(advantages > 0, (divergence <= inputs.dppo_delta_high) | (logprobs <= old),
+                            (divergence <= inputs.dppo_delta_low) | (logprobs >= old))
     weight = ratio.clamp(max=DPPO_RATIO_CAP) * valid.to(ratio.dtype)
     gate_grad = _unclipped_at_zero(weight / ratio, advantages)
     return InputGateTerms(ratio, weight, gate_grad, -weight * advantages * logprobs, zeros, -weight * advantages)
+
+
+def _log_one_minus_exp(logp: Tensor) -> Tensor:
+    """``log(1 - exp(logp))`` for ``logp <= 0`` without cancellation (Maechler's split at log 1/2)."""
+    return torch.where(logp > -0.6931471805599453, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+
+
+def binary_kl(old_logp: Tensor, logp: Tensor) -> Tensor:
+    """DPPO's Binary-KL ``KL(Bernoulli(p_old) || Bernoulli(p))`` from the two log-probabilities: finite unless
+    ``p = 1 > p_old`` (then inf), never NaN."""
+    old_logp, logp = old_logp.clamp(max=0.0), logp.clamp(max=0.0)
+    old_rest, rest = _log_one_minus_exp(old_logp), _log_one_minus_exp(logp)
+    token = torch.exp(old_logp) * (old_logp - logp)
+    others = torch.exp(old_rest) * (old_rest - rest)
+    return token + torch.where(old_rest == -torch.inf, torch.zeros_like(others), others)
 
 
 def m2po_keep(log_ratio: Tensor, mask: Tensor, threshold: float) -> Tensor:
@@ -331,9 +366,10 @@ def _gmpo(logprobs: Tensor, old: Tensor, advantages: Tensor, tokens: Tokens, inp
 
 def input_gate_metrics(gate: Gate, ratio: Tensor, gate_value: Tensor, advantages: Tensor, mask: Tensor,
                        inputs: InputGateParameters) -> dict[str, Tensor]:
-    """What a gate decided for the batch: ``dppo/masked_fraction`` and ``m2po/masked_fraction`` (the mask-weighted
-    share of tokens whose policy term the gate masked), ``bapo/c_low`` and ``bapo/c_high`` (the bounds chosen)."""
-    if gate.name in ("dppo", "m2po"):
+    """What a gate decided for the batch: ``dppo/masked_fraction``, ``dppo_kl/masked_fraction`` and
+    ``m2po/masked_fraction`` (the mask-weighted share of tokens whose policy term the gate masked), ``bapo/c_low``
+    and ``bapo/c_high`` (the bounds chosen)."""
+    if gate.name in ("dppo", "dppo_kl", "m2po"):
         masked = (gate_value == 0).to(mask.dtype)
         return {f"{gate.name}/masked_fraction": (masked * mask).sum() / mask.sum().clamp(min=1.0)}
     if gate.name == "bapo":

@@ -58,7 +58,7 @@ POLICY_OBJECTIVES = ("cispo", "vespo")
 GATE_KINDS = ("clip", "soft", "cispo", "vespo", "inputs")
 """What a gate is: GRPO's clip (epsilons), a soft gate of (r, tau) (built-in or registered), one of TRL's
 detached-weight objectives, or a gate that reads more than the ratio (``fused_gates.gate_inputs``)."""
-INPUT_GATES = ("dppo", "m2po", "bapo", "aspo", "gmpo")
+INPUT_GATES = ("dppo", "dppo_kl", "m2po", "bapo", "aspo", "gmpo")
 """The trust-region objectives that read more than r (probabilities, the advantage, a batch statistic, the row):
 their formulas, parameters and citations are in ``fused_gates.gate_inputs``."""
 

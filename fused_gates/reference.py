@@ -78,10 +78,10 @@ def _gamma_weights(advantages, log_ratio, mask, sampling_ratio, k_pos, lambda_po
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
 
 
-TRUST_REGION_GATES = ("dppo", "m2po", "bapo", "aspo", "gmpo")
-TRUST_REGION_DEFAULTS = {"dppo_delta": (0.15, 0.15), "m2po_threshold": 0.04, "bapo_rho": 0.5,
-                         "bapo_bounds": (0.6, 0.9, 1.2, 3.0), "bapo_steps": (0.1, 0.05), "aspo_dual_clip": 3.0,
-                         "gmpo_epsilon": (0.4, 0.4)}
+TRUST_REGION_GATES = ("dppo", "dppo_kl", "m2po", "bapo", "aspo", "gmpo")
+TRUST_REGION_DEFAULTS = {"dppo_delta": (0.15, 0.15), "dppo_kl_delta": (0.05, 0.05), "m2po_threshold": 0.04,
+                         "bapo_rho": 0.5, "bapo_bounds": (0.6, 0.9, 1.2, 3.0), "bapo_steps": (0.1, 0.05),
+                         "aspo_dual_clip": 3.0, "gmpo_epsilon": (0.4, 0.4)}
 """The papers' hyperparameters of the trust-region objectives (the defaults of :func:`reference_loss`)."""
 
 
@@ -96,6 +96,16 @@ def trust_region_terms(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask: 
         delta_low, delta_high = opts["dppo_delta"]
         shift = logp.detach().exp() - old.exp()
         valid = torch.where(a > 0, shift <= delta_high, shift >= -delta_low).to(logp.dtype)
+        weight = torch.clamp(r, max=20.0) * valid
+        return -a * weight * logp, weight, ratio
+    if gate == "dppo_kl":  # arXiv:2602.04879, Binary-KL; verl's dppo_kl (truncation at 20), without its 1e-8
+        delta_low, delta_high = opts["dppo_delta"]
+        p, p_old = logp.detach().exp(), old.exp()
+        with torch.no_grad():  # KL(Bernoulli(p_old) || Bernoulli(p)) in float64 from the probabilities
+            rest = torch.where(p_old < 1, (1 - p_old) * torch.log((1 - p_old) / (1 - p)), torch.zeros_like(p))
+            divergence = p_old * torch.log(p_old / p) + rest
+        valid = torch.where(a > 0, (divergence <= delta_high) | (p <= p_old),
+                            (divergence <= delta_low) | (p >= p_old)).to(logp.dtype)
         weight = torch.clamp(r, max=20.0) * valid
         return -a * weight * logp, weight, ratio
     if gate == "m2po":  # arXiv:2510.01161: mask the largest (log r)^2 one at a time until M2 <= tau
@@ -202,7 +212,7 @@ def reference_loss(
     group_size: int | None = None,
     group_ids: Tensor | None = None,
     custom_value=None,
-    dppo_delta: tuple[float, float] = (0.15, 0.15),
+    dppo_delta: tuple[float, float] | None = None,
     m2po_threshold: float = 0.04,
     bapo_rho: float = 0.5,
     bapo_bounds: tuple[float, float, float, float] = (0.6, 0.9, 1.2, 3.0),
@@ -252,6 +262,8 @@ def reference_loss(
 
     phi = None
     if gate in TRUST_REGION_GATES:
+        if dppo_delta is None:  # each variant's own bound
+            dppo_delta = TRUST_REGION_DEFAULTS["dppo_kl_delta" if gate == "dppo_kl" else "dppo_delta"]
         opts = {"dppo_delta": dppo_delta, "m2po_threshold": m2po_threshold, "bapo_rho": bapo_rho,
                 "bapo_bounds": bapo_bounds, "bapo_steps": bapo_steps, "aspo_dual_clip": aspo_dual_clip,
                 "gmpo_epsilon": gmpo_epsilon}
@@ -386,7 +398,7 @@ def reference_loss(
         })
     elif gate == "cispo":
         metrics["cispo_clip_ratio"] = trl_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype))
-    elif gate in ("dppo", "m2po"):
+    elif gate in ("dppo", "dppo_kl", "m2po"):
         metrics[f"{gate}/masked_fraction"] = masked_mean((gate_value.detach() == 0).to(dtype))
     elif gate == "bapo":
         metrics["bapo/c_low"], metrics["bapo/c_high"] = (torch.tensor(c, dtype=dtype) for c in bapo_chosen)

@@ -220,8 +220,8 @@ def global_loss_and_metrics(
         flags = {"cispo_clip_ratio": cispo_flags(ratio, tokens.advantages, params.epsilon_high).to(m.dtype)}
     elif config.gate.is_vespo:
         flags = {"vespo/phi_seq_mean": gate_value}
-    elif config.gate.name == "dppo":  # fused_gates.gate_inputs.input_gate_metrics: the share of tokens masked
-        flags = {"dppo/masked_fraction": (gate_value == 0).to(m.dtype)}
+    elif config.gate.name in ("dppo", "dppo_kl"):  # gate_inputs.input_gate_metrics: the share of tokens masked
+        flags = {f"{config.gate.name}/masked_fraction": (gate_value == 0).to(m.dtype)}
     by_row = per_row_flags or (config.gate.is_vespo and row_advantages)
     if not by_row:
         scalars.update({name: (values * m).sum() for name, values in flags.items()})

@@ -181,8 +181,8 @@ def run_reference(inputs: LossInputs, *, dtype: torch.dtype = torch.float64, com
 
 
 def output_errors(ours: Run, expected: Run) -> dict[str, float]:
-    """Largest absolute difference of every field: loss, EUR, each per-token output, each metric (the two sets of
-    metric names must agree) and each gradient (present in both or in neither)."""
+    """Largest absolute difference of every field: loss, EUR, each per-token output, each metric (relative above 1;
+    the two sets of metric names must agree) and each gradient (present in both or in neither)."""
     a, e = ours.out, expected.out
     errors = {"loss": max_abs(a.loss.detach().cpu(), e.loss.detach().cpu()),
               "eur": max_abs(a.eur.cpu(), e.eur.cpu())}
@@ -194,8 +194,10 @@ def output_errors(ours: Run, expected: Run) -> dict[str, float]:
     assert set(a.metrics) == set(e.metrics), (
         f"metric names differ: only ours {sorted(set(a.metrics) - set(e.metrics))}, "
         f"only expected {sorted(set(e.metrics) - set(a.metrics))}")
-    for key, value in e.metrics.items():
-        errors[f"metrics[{key}]"] = max_abs(a.metrics[key].cpu(), value.cpu())
+    for key, value in e.metrics.items():  # relative where a metric exceeds 1 (ratio/max of a ratio ~ e^4: float32
+        # rounds it to ~5e-6 relative, far beyond an absolute 2e-5)
+        scale = max(1.0, value.detach().abs().max().item()) if value.numel() else 1.0
+        errors[f"metrics[{key}]"] = max_abs(a.metrics[key].cpu(), value.cpu()) / scale
     for name, got, want in zip(GRADS, ours.grads, expected.grads, strict=True):
         assert (got is None) == (want is None), f"grad {name}: {'missing' if got is None else 'unexpected'}"
         if want is not None:

@@ -1,4 +1,4 @@
-"""The gates that read more than the ratio (dppo, m2po, bapo, aspo, gmpo) against the naive float64 reference: loss,
+"""The gates that read more than the ratio (dppo, dppo_kl, m2po, bapo, aspo, gmpo) against the naive float64 reference: loss,
 per-token outputs, EUR, metrics and gradients for every loss type, with the KL, the entropy bonus and the sampler's
 weights; the batch statistic of m2po and bapo whatever the chunks (and no extra product when the batch fits one);
 the Triton backend in the interpreter; hyperparameters checked and refused where they mean nothing."""
@@ -22,6 +22,7 @@ from fused_gates.torch_backend import TorchChunks
 # BAPO's loop moves its bounds.
 SHAPES = {
     "dppo": dict(log_ratio_scale=1.5, greedy=True),
+    "dppo_kl": dict(log_ratio_scale=1.5, greedy=True),
     "m2po": dict(log_ratio_scale=0.3),
     "bapo": dict(log_ratio_scale=0.5, advantage_shift=-0.6),
     "aspo": dict(log_ratio_scale=1.5),
@@ -160,6 +161,7 @@ def test_eur_is_the_mean_gradient_weight_relative_to_the_policy_gradient(gate):
 
 TRITON_CASES = {
     "dppo-grpo": dict(gate="dppo"),
+    "dppo_kl-bnpo": dict(gate="dppo_kl", loss_type="bnpo"),
     "m2po-bnpo-one-chunk": dict(gate="m2po", loss_type="bnpo", memory_budget_mb=64.0),
     "m2po-dapo-chunks": dict(gate="m2po", loss_type="dapo", memory_budget_mb=0.004),
     "bapo-grpo-chunks": dict(gate="bapo", memory_budget_mb=0.004),
@@ -180,6 +182,7 @@ BAD = {
     "dppo_delta-zero": (dict(gate="dppo", dppo_delta=0.0), "dppo_delta: must be in (0, 1]"),
     "dppo_delta-negative-side": (dict(gate="dppo", dppo_delta=(0.1, -0.2)), "dppo_delta[1]: must be in"),
     "dppo_delta-above-one": (dict(gate="dppo", dppo_delta=1.5), "dppo_delta: must be in"),
+    "dppo_kl-delta-zero": (dict(gate="dppo_kl", dppo_delta=0.0), "dppo_delta: must be finite and > 0"),
     "m2po_threshold-zero": (dict(gate="m2po", m2po_threshold=0.0), "m2po_threshold: must be finite and > 0"),
     "bapo_rho-zero": (dict(gate="bapo", bapo_rho=0.0), "bapo_rho: must be in (0, 1)"),
     "bapo_rho-one": (dict(gate="bapo", bapo_rho=1.0), "bapo_rho: must be in (0, 1)"),

@@ -188,15 +188,17 @@ SETTINGS: tuple[Setting, ...] = (
             annotation="float | None"),
     # the gates that read more than r (fused_gates.gate_inputs); the vector options (bapo's bounds and steps) keep the
     # paper's defaults here
-    *(Setting(name, None, type=kind, group=GATE, help=f"--gate {gate}: {what} ({default:g})",
-              trainer=_input_option(name), annotation="float | None")
-      for name, gate, kind, what, default in (
-          ("dppo_delta", "dppo", positive_float, "bound on |p - p_old|", D.dppo_delta_high),
-          ("m2po_threshold", "m2po", positive_float, "bound on the second moment of log r", D.m2po_threshold),
-          ("bapo_rho", "bapo", unit_interval, "target share of positive tokens in the loss", D.bapo_rho),
-          ("aspo_dual_clip", "aspo", positive_float, "soft dual clip of the importance weight", D.aspo_dual_clip),
-          ("gmpo_epsilon", "gmpo", positive_float, "log-space clip range of the token ratios", D.gmpo_epsilon_high),
+    *(Setting(name, None, type=kind, group=GATE, help=f"--gate {what}", trainer=_input_option(name),
+              annotation="float | None")
+      for name, kind, what in (
+          ("dppo_delta", positive_float, f"dppo: bound on |p - p_old| ({D.dppo_delta_high:g}); --gate dppo_kl: bound "
+           f"on the binary KL ({D.dppo_kl_delta_high:g})"),
+          ("m2po_threshold", positive_float, f"m2po: bound on the second moment of log r ({D.m2po_threshold:g})"),
+          ("bapo_rho", unit_interval, f"bapo: target share of positive tokens in the loss ({D.bapo_rho:g})"),
+          ("aspo_dual_clip", positive_float, f"aspo: soft dual clip of the importance weight ({D.aspo_dual_clip:g})"),
+          ("gmpo_epsilon", positive_float, f"gmpo: log-space clip range of the token ratios ({D.gmpo_epsilon_high:g})"),
       )),
+
     Setting("gate_backend", "auto", choices=BACKENDS, group=GATE, trainer="gate_backend", annotation="str"),
     Setting("gate_memory_budget_mb", None, type=positive_float, group=GATE, trainer="gate_memory_budget_mb",
             annotation="float | None"),

@@ -23,8 +23,8 @@ aggregation), ``delta`` with a gate other than clip (it caps the clipped objecti
 temperatures for a gate without one (clip, cispo, vespo), and the adaptive temperature's settings without
 ``gate_eur_target``.
 
-The trust-region objectives that read more than the ratio (``gate="dppo"``, ``"m2po"``, ``"bapo"``, ``"aspo"``,
-``"gmpo"``: :mod:`fused_gates.gate_inputs`) take their hyperparameters as ``gate_dppo_delta``,
+The trust-region objectives that read more than the ratio (``gate="dppo"``, ``"dppo_kl"``, ``"m2po"``, ``"bapo"``,
+``"aspo"``, ``"gmpo"``: :mod:`fused_gates.gate_inputs`) take their hyperparameters as ``gate_dppo_delta``,
 ``gate_m2po_threshold``, ``gate_bapo_rho``, ``gate_bapo_bounds``, ``gate_bapo_steps``, ``gate_aspo_dual_clip``,
 ``gate_gmpo_epsilon`` (None: the paper's default), each refused with another gate; they are refused with
 ``importance_sampling_level="sequence"`` (each defines its own ratio) and gmpo with ``use_bias_correction_kl``. ASPO's
@@ -117,7 +117,9 @@ class GatedGRPOConfig(GRPOConfig):
     )
 
     gate_dppo_delta: float | None = field(
-        default=None, metadata={"help": f"gate='dppo': bound on |p - p_old| (default {D.dppo_delta_high:g})."}
+        default=None,
+        metadata={"help": f"gate='dppo': bound on |p - p_old| (default {D.dppo_delta_high:g}); gate='dppo_kl': bound "
+                          f"on the binary KL (default {D.dppo_kl_delta_high:g})."},
     )
     gate_m2po_threshold: float | None = field(
         default=None,

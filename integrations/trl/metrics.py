@@ -29,8 +29,8 @@ from .config import GateObjective
 
 MetricStore = MutableMapping[str, list[float]]
 
-INPUT_GATE_METRICS = {"dppo": ("dppo/masked_fraction",), "m2po": ("m2po/masked_fraction",),
-                      "bapo": ("bapo/c_low", "bapo/c_high")}
+INPUT_GATE_METRICS = {"dppo": ("dppo/masked_fraction",), "dppo_kl": ("dppo_kl/masked_fraction",),
+                      "m2po": ("m2po/masked_fraction",), "bapo": ("bapo/c_low", "bapo/c_high")}
 """The decisions of the gates that read more than r, logged as ``fused_gates.gate_inputs.input_gate_metrics``
 reports them."""
 
