@@ -70,8 +70,8 @@ a function of r at fixed other inputs when registered.
 
 Which inputs a gate reads: dppo and dppo_kl ``logp, old_logp, A``; m2po ``logp, old_logp, A, m`` and the batch;
 bapo the same; aspo ``logp, old_logp, A``; gmpo ``logp, old_logp, A, m`` and the row. The importance-sampling level
-is each gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory budget:
-when the batch fits one chunk the loss, gradient coefficients and gradients come from the same pass (three
+is each gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory
+budget: when the batch fits one chunk the loss, gradient coefficients and gradients come from the same pass (three
 products); otherwise the forward takes the statistics pass and the backward recomputes the logits (four products),
 as for a row longer than a chunk (``fused_gates.chunk_driver``). On the Triton backend these gates take the
 unfused path (the statistics kernel, this module in torch, the gradient kernel): no extra product, but no fused
