@@ -1,7 +1,8 @@
 """The gates that read more than the ratio (dppo, dppo_kl, m2po, bapo, aspo, gmpo) against the naive float64
 reference: loss, per-token outputs, EUR, metrics and gradients for every loss type, with the KL, the entropy bonus
-and the sampler's weights; the batch statistic of m2po and bapo whatever the chunks (and no extra product when the batch fits one);
-the Triton backend in the interpreter; hyperparameters checked and refused where they mean nothing."""
+and the sampler's weights; the batch statistic of m2po and bapo whatever the chunks (and no extra product when the
+batch fits one); the Triton backend in the interpreter; hyperparameters checked and refused where they mean
+nothing."""
 
 from __future__ import annotations
 
