@@ -14,9 +14,10 @@ from torch import Tensor
 
 from .arguments import check_batch, check_loss_arguments
 from .backends import resolve_backend
+from .entropy_trust import ESTR_METRIC, estr_dropped
 from .function import GatedPolicyLossFunction
 from .gates import Gate
-from .metrics import loss_metrics, nonfinite_tokens
+from .metrics import loss_metrics, masked_mean, nonfinite_tokens
 from .options import HeadOptions, LossOptions, SupportOptions
 from .self_check import use_public_functions
 from .sequence_parallel import checked_on_every_rank, global_loss_and_metrics, head_fingerprint, loss_fingerprint
@@ -101,6 +102,9 @@ def gated_policy_loss(
     top_k: int | Tensor | None = S.top_k,
     top_p: float | Tensor | None = S.top_p,
     min_p: float | Tensor | None = S.min_p,
+    estr_threshold: float | None = L.estr_threshold,
+    estr_epsilon: float | None = L.estr_epsilon,
+    old_entropy: Tensor | None = L.old_entropy,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -206,6 +210,13 @@ def gated_policy_loss(
             log-probs, entropy, ratios and gradients over that support (:mod:`fused_gates.support`).
         top_k, top_p, min_p: the support replayed on these logits as vLLM's sampler truncates (a number, or a [B]
             tensor per row; ``top_k`` 0 / ``top_p`` 1 / ``min_p`` 0: no truncation). Not with ``kept_token_ids``.
+        estr_threshold, estr_epsilon, old_entropy: the entropy-scaled trust region (ESTR, arXiv:2607.22186;
+            :mod:`fused_gates.entropy_trust`): a token's policy term is kept only where its log-ratio satisfies
+            ``(logp - old_logprobs)^2 <= estr_threshold * (H + estr_epsilon)``, ``H`` the behaviour policy's entropy
+            ``old_entropy`` [B, T] (None: the current policy's, detached). Off while ``estr_threshold`` is None (the
+            paper's tau is not published with a default); ``estr_epsilon`` defaults to the paper's 0.01. With
+            ``gate="clip"`` this is ESTR; with a soft gate, its entropy-scaled variant. Token level, gates of one
+            token's ratio (the paper's, registered ones, cispo) only. Metric ``estr/masked_fraction``.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -250,13 +261,19 @@ def gated_policy_loss(
     logprobs, entropies = plan.scatter(logp), plan.scatter(entropy)
     computed = plan.scatter(torch.ones_like(logp)) != 0
     nonfinite = nonfinite_tokens(planned.flagged, computed, logprobs, entropies)
+    config = args.config
+    dropped = None if config.estr_threshold is None else estr_dropped(
+        logp, entropy, tokens.old_logprobs, tokens.old_entropy, config.estr_threshold, config.estr_epsilon)
     if sequence is None:
-        metrics = loss_metrics(tokens, args.config, entropy, ratio, gate_value, gate_grad, kl,
+        metrics = loss_metrics(tokens, config, entropy, ratio, gate_value, gate_grad, kl,
                                args.options.group_size, args.options.group_ids, args.row_advantages)
         metrics["policy_loss"] = loss.detach() - (tokens.entropy_weight * entropy).sum()
         metrics["nonfinite_tokens"] = nonfinite
+        if dropped is not None:
+            metrics[ESTR_METRIC] = masked_mean(dropped, tokens.mask)
     else:
-        outputs = dict(entropy=entropy, ratio=ratio, gate_value=gate_value, gate_grad=gate_grad, kl=kl)
+        outputs = dict(entropy=entropy, ratio=ratio, gate_value=gate_value, gate_grad=gate_grad, kl=kl,
+                       estr_dropped=dropped)
         loss, metrics = global_loss_and_metrics(sequence, loss, tokens, args.config, args.options.group_size,
                                                 args.options.group_ids, args.row_advantages, outputs, nonfinite)
     kept_mass = None

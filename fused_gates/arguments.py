@@ -205,6 +205,8 @@ def check_loss_arguments(
     _check_optional_map("entropy_mask", options.entropy_mask, (rows, length), device)
     if options.sampling_logprobs is not None:
         check_float_tensor("sampling_logprobs", options.sampling_logprobs, (rows, length), device)
+    if options.old_entropy is not None:
+        check_float_tensor("old_entropy", options.old_entropy, (rows, length), device)
     items = options.num_items_in_batch
     if isinstance(items, Tensor) and options.loss_type == "dapo":
         check_tensor("num_items_in_batch", items)

@@ -306,7 +306,7 @@ def loss_forward(
     grads = GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
     fused = getattr(backend, "fused_token_chunk", None)
     use_fused = (fused is not None and not config.needs_whole_rows and head.shard is None
-                 and config.gate.kernel_id is not None)
+                 and config.gate.kernel_id is not None and config.estr_threshold is None)
     keep = "logits" if config.has_entropy_bonus else "exp"
     parts = []
     for chunk in chunks:

@@ -25,7 +25,8 @@ by row i (sequence level), so with ``dr_t/dlogp_t = r_t`` and ``dr_i/dlogp_t = r
 
 with ``kl = exp(ref - logp) - (ref - logp) - 1`` (k3), ``dkl = 1 - exp(ref - logp)``. TRL's off-policy sequence mask
 multiplies ``q`` by ``1[A >= 0 or mean_t m_t (sampling_t - logp_t) <= threshold]`` of each row, from the current
-log-probs (detached). Whatever needs a whole row (sequence-level ratios, vespo, the off-policy mask) makes the
+log-probs (detached); the entropy-scaled trust region (``fused_gates.entropy_trust``) multiplies the gate's terms by
+its keep mask. Whatever needs a whole row (sequence-level ratios, vespo, the off-policy mask) makes the
 backends give the objective whole rows. Both backends call :func:`evaluate_objective`; the Triton row kernel
 carries the token-level formulas in its epilogue (``fused_gates.kernels.row_kernels``).
 """
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .admissibility import MAX_LOG_RATIO
+from .entropy_trust import ESTR_EPSILON, apply_estr, estr_keep
 from .gate_inputs import InputGateParameters, evaluate_input_gate
 from .gates import Gate, GateParameters
 
@@ -63,6 +65,8 @@ class ObjectiveConfig:
     has_entropy_bonus: bool
     off_policy_mask_threshold: float | None = None
     input_params: InputGateParameters | None = None  # the parameters of a gate that reads more than r
+    estr_threshold: float | None = None  # the entropy-scaled trust region's tau (fused_gates.entropy_trust)
+    estr_epsilon: float = ESTR_EPSILON
 
     @property
     def needs_whole_rows(self) -> bool:
@@ -97,6 +101,7 @@ class TokenData:
     vespo_log_offset: Tensor | None = None  # the row's sum_t clamp(log q^vllm_t), on each of its tokens
     row_token_counts: list[int] | None = None  # tokens of each row, on the host (read with the value checks)
     row_reduce: Callable[[Tensor], Tensor] | None = None  # per-row partial sums -> whole rows' (sequence-sharded)
+    old_entropy: Tensor | None = None  # the behaviour policy's entropy (ESTR's H_t); None: the current policy's
 
     @property
     def count(self) -> int:
@@ -257,6 +262,12 @@ def evaluate_objective(logprobs: Tensor, entropy: Tensor, tokens: TokenData, con
         gate_value, gate_grad = gate.evaluate(ratio, advantages, config.params)
         policy = -gate_value * advantages
         policy_by_ratio, policy_by_logprob = -advantages * gate_grad, torch.zeros_like(logprobs)
+
+    if config.estr_threshold is not None:  # fused_gates.entropy_trust: the token dropped outside its scaled region
+        behaviour_entropy = entropy if tokens.old_entropy is None else tokens.old_entropy
+        keep = estr_keep(token_log_ratio, behaviour_entropy, config.estr_threshold, config.estr_epsilon)
+        policy, policy_by_ratio, policy_by_logprob = policy * keep, policy_by_ratio * keep, policy_by_logprob * keep
+        gate_value, gate_grad = apply_estr(keep, advantages, gate_value, gate_grad)
 
     policy_weight = tokens.policy_weight
     if config.off_policy_mask_threshold is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .entropy_trust import ESTR_EPSILON
 from .gate_inputs import GATE_OPTIONS, resolve_input_parameters
 from .gates import Gate, GateParameters, get_gate
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, ObjectiveConfig
@@ -92,6 +93,10 @@ class LossOptions(_Collect):
     bapo_steps: tuple[float, float] | None = None
     aspo_dual_clip: float | None = None
     gmpo_epsilon: float | tuple[float, float] | None = None
+    # the entropy-scaled trust region (fused_gates.entropy_trust); off while estr_threshold is None
+    estr_threshold: float | None = None
+    estr_epsilon: float | None = None  # None: ESTR_EPSILON
+    old_entropy: Tensor | None = None
 
     def check_scalars(self) -> ObjectiveConfig:
         """Every check that needs no tensor (each error names the option), and the objective they configure."""
@@ -132,6 +137,7 @@ class LossOptions(_Collect):
             raise fail("importance_sampling_level", f"gate={gate.name!r} defines its own ratio; only 'token' applies")
         if gate.whole_rows and self.use_bias_correction_kl and self.beta != 0:
             raise fail("use_bias_correction_kl", f"gate={gate.name!r} has no token ratio to correct the KL with")
+        estr_threshold, estr_epsilon = self._check_estr(gate)
         items = self.num_items_in_batch
         if items is not None and self.loss_type == "dapo" and not isinstance(items, Tensor):
             # 0 is a batch without a token (the normaliser is clamped to 1); a tensor is checked with the values
@@ -146,7 +152,29 @@ class LossOptions(_Collect):
             has_entropy_bonus=entropy_coef != 0,
             off_policy_mask_threshold=threshold,
             input_params=input_params,
+            estr_threshold=estr_threshold,
+            estr_epsilon=estr_epsilon,
         )
+
+    def _check_estr(self, gate: Gate) -> tuple[float | None, float]:
+        """The entropy-scaled trust region's ``(tau, eps)``: a mask on a token's own log-ratio, so on the gates of
+        one token's ratio only (the paper's, registered ones, cispo)."""
+        threshold = self.estr_threshold
+        _only_with("estr_epsilon", self.estr_epsilon, threshold is not None, "with estr_threshold")
+        _only_with("old_entropy", self.old_entropy, threshold is not None, "with estr_threshold")
+        epsilon = ESTR_EPSILON if self.estr_epsilon is None else check_number("estr_epsilon", self.estr_epsilon,
+                                                                               allow_minimum=True)
+        if threshold is None:
+            return None, epsilon
+        threshold = check_number("estr_threshold", threshold)
+        if gate.is_vespo or gate.reads_inputs:
+            raise fail("estr_threshold", f"gate={gate.name!r} has its own trust region over more than the token's "
+                       "ratio; the entropy-scaled mask applies to the paper's gates, registered gates of (r, tau) and "
+                       "cispo")
+        if self.importance_sampling_level != "token":
+            raise fail("estr_threshold", "the entropy-scaled region bounds each token's own log-ratio; it needs "
+                       "importance_sampling_level='token'")
+        return threshold, epsilon
 
 
 def _check_pair(name: str, value: object) -> tuple[float, float]:

@@ -221,10 +221,15 @@ def reference_loss(
     gmpo_epsilon: tuple[float, float] = (0.4, 0.4),
     custom_input_value=None,
     kept_mask: Tensor | None = None,
+    estr_threshold: float | None = None,
+    estr_epsilon: float = 0.01,
+    old_entropy: Tensor | None = None,
 ) -> ReferenceResult:
     """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves). ``kept_mask``
     [B, T, V] (bool): the sampler's support of each token; log-probs and entropies are then those of the softmax
-    renormalised over it (e.g. from :func:`reference_sampler_support`)."""
+    renormalised over it (e.g. from :func:`reference_sampler_support`). ``estr_threshold``: ESTR's keep mask
+    (arXiv:2607.22186) ``1[(logp - old)^2 / (H + estr_epsilon) <= estr_threshold]`` on the policy term, ``H`` the
+    behaviour entropy ``old_entropy`` or the current one."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     batch, length, _ = hidden.shape
     dtype = hidden.dtype
@@ -316,6 +321,16 @@ def reference_loss(
         with torch.enable_grad():
             (gate_grad,) = torch.autograd.grad(value(probe).sum(), probe)
 
+    estr_dropped = None
+    if estr_threshold is not None:  # the entropy-scaled score S = delta^2 / (H + eps), kept where S <= tau
+        behaviour = entropy.detach() if old_entropy is None else old_entropy.to(dtype)
+        score = (logp.detach() - old) ** 2 / (behaviour + estr_epsilon)
+        keep = (score <= estr_threshold).to(dtype)
+        estr_dropped = 1 - keep
+        per_token = per_token * keep
+        gate_value = gate_value * keep
+        gate_grad = torch.where(a_b == 0, gate_grad, gate_grad * keep)
+
     policy_weight = torch.ones(batch, length, dtype=dtype)
     if off_policy_mask_threshold is not None:
         sampling = old if sampling_logprobs is None else sampling_logprobs.to(dtype)
@@ -380,6 +395,8 @@ def reference_loss(
     }
     if beta != 0:
         metrics["kl"] = masked_mean(kl.detach().expand(batch, length))  # TRL logs the corrected term
+    if estr_dropped is not None:
+        metrics["estr/masked_fraction"] = masked_mean(estr_dropped)
     if kept_mass is not None:
         metrics["kept_mass/mean"] = masked_mean(kept_mass)
         metrics["kept_mass/min"] = kept_mass[valid].min() if valid.any() else torch.zeros((), dtype=dtype)

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .entropy_trust import ESTR_METRIC
 from .gates import Gate
 from .metrics import cispo_flags, clip_flags, eur_from_row_sums
 from .objective import ObjectiveConfig, TokenData
@@ -222,6 +223,8 @@ def global_loss_and_metrics(
         flags = {"vespo/phi_seq_mean": gate_value}
     elif config.gate.name in ("dppo", "dppo_kl"):  # gate_inputs.input_gate_metrics: the share of tokens masked
         flags = {f"{config.gate.name}/masked_fraction": (gate_value == 0).to(m.dtype)}
+    if outputs.get("estr_dropped") is not None:  # the entropy-scaled trust region's dropped tokens
+        flags[ESTR_METRIC] = outputs["estr_dropped"]
     by_row = per_row_flags or (config.gate.is_vespo and row_advantages)
     if not by_row:
         scalars.update({name: (values * m).sum() for name, values in flags.items()})

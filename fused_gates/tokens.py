@@ -209,6 +209,7 @@ def plan_loss_tokens(head: Batch, args: LossArguments, sequence: SequenceShard |
         vespo_log_offset=_vespo_log_offset(args, acc, plan, vespo_offset),
         row_token_counts=row_counts,
         row_reduce=None if sequence is None else sequence.reduce,
+        old_entropy=None if options.old_entropy is None else plan.gather(options.old_entropy.to(acc)),
     )
     return LossTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids), tokens, tokens.mask, flagged)
 
@@ -270,6 +271,10 @@ def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
         ratio = options.sampling_ratio
         checks.append(ValueCheck("sampling_ratio", "must be finite and >= 0 where the mask is set",
                                  (selected & ~(torch.isfinite(ratio) & (ratio >= 0))).any()))
+    if options.old_entropy is not None:
+        entropy = options.old_entropy
+        checks.append(ValueCheck("old_entropy", "must be finite and >= 0 where the mask is set",
+                                 (selected & ~(torch.isfinite(entropy) & (entropy >= 0))).any()))
     if options.entropy_mask is not None:
         mask = options.entropy_mask.float()
         checks.append(ValueCheck("entropy_mask", "must be finite and >= 0",
