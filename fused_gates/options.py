@@ -137,7 +137,7 @@ class LossOptions(_Collect):
             raise fail("importance_sampling_level", f"gate={gate.name!r} defines its own ratio; only 'token' applies")
         if gate.whole_rows and self.use_bias_correction_kl and self.beta != 0:
             raise fail("use_bias_correction_kl", f"gate={gate.name!r} has no token ratio to correct the KL with")
-        estr_threshold, estr_epsilon = self._check_estr(gate)
+        estr_threshold, estr_epsilon = self.check_estr(gate)
         items = self.num_items_in_batch
         if items is not None and self.loss_type == "dapo" and not isinstance(items, Tensor):
             # 0 is a batch without a token (the normaliser is clamped to 1); a tensor is checked with the values
@@ -156,7 +156,7 @@ class LossOptions(_Collect):
             estr_epsilon=estr_epsilon,
         )
 
-    def _check_estr(self, gate: Gate) -> tuple[float | None, float]:
+    def check_estr(self, gate: Gate) -> tuple[float | None, float]:
         """The entropy-scaled trust region's ``(tau, eps)``: a mask on a token's own log-ratio, so on the gates of
         one token's ratio only (the paper's, registered ones, cispo)."""
         threshold = self.estr_threshold

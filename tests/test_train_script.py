@@ -149,6 +149,10 @@ def test_offline_preset_warms_up_then_trains_on_the_small_task(capsys: pytest.Ca
                  id="bapo-rho-with-m2po"),
     pytest.param(["--gate", "bapo", "--bapo-rho", "1"], "argument --bapo-rho", id="bapo-rho-1"),
     pytest.param(["--gate", "aspo", "--aspo-dual-clip", "0.5"], "--aspo-dual-clip:", id="aspo-dual-clip-below-1"),
+    pytest.param(["--gate", "dppo", "--estr-threshold", "0.5"], "--estr-threshold: gate='dppo' has its own",
+                 id="estr-with-dppo"),
+    pytest.param(["--estr-epsilon", "0.1"], "--estr-epsilon: only applies with estr_threshold",
+                 id="estr-epsilon-without-threshold"),
 ])
 def test_bad_flags_exit_2_naming_them(capsys: pytest.CaptureFixture[str], flags: list[str], named: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -179,6 +183,8 @@ def test_gates_reading_more_than_the_ratio_are_accepted_with_the_papers_defaults
     pytest.param("bapo", "--bapo-rho", "0.4", "gate_bapo_rho", id="bapo"),
     pytest.param("aspo", "--aspo-dual-clip", "2.5", "gate_aspo_dual_clip", id="aspo"),
     pytest.param("gmpo", "--gmpo-epsilon", "0.3", "gate_gmpo_epsilon", id="gmpo"),
+    pytest.param("dppo_kl", "--dppo-delta", "0.02", "gate_dppo_delta", id="dppo_kl"),
+    pytest.param("erf", "--estr-threshold", "0.5", "gate_estr_threshold", id="estr-on-erf"),
 ])
 def test_the_option_of_a_gate_reading_more_than_the_ratio_reaches_the_trainer(
         capsys: pytest.CaptureFixture[str], gate: str, flag: str, value: str, field: str) -> None:

@@ -25,6 +25,7 @@ def config(**options) -> GatedGRPOConfig:
 
 GIVEN = {
     "dppo": dict(gate_dppo_delta=0.1),
+    "dppo_kl": dict(gate_dppo_delta=0.02),
     "m2po": dict(gate_m2po_threshold=0.02),
     "bapo": dict(gate_bapo_rho=0.4, gate_bapo_bounds=[0.7, 0.9, 1.2, 2.0], gate_bapo_steps=[0.2, 0.1]),
     "aspo": dict(gate_aspo_dual_clip=4.0),
@@ -77,8 +78,8 @@ def test_training_with_each_input_gate_passes_its_options_and_logs_finite_metric
     for entry in logs:
         for key in ("loss", "eur", "gate/mean", "ratio/mean"):
             assert math.isfinite(entry[key]), key
-    decisions = {"dppo": ["dppo/masked_fraction"], "m2po": ["m2po/masked_fraction"],
-                 "bapo": ["bapo/c_low", "bapo/c_high"]}.get(gate, [])
+    decisions = {"dppo": ["dppo/masked_fraction"], "dppo_kl": ["dppo_kl/masked_fraction"],
+                 "m2po": ["m2po/masked_fraction"], "bapo": ["bapo/c_low", "bapo/c_high"]}.get(gate, [])
     for entry in logs:
         for key in decisions:
             assert math.isfinite(entry[key]), key
@@ -114,3 +115,52 @@ def test_adaptive_temperature_refuses_a_gate_that_reads_more_than_r():
                 check_can_adapt(gate, has_off_policy_updates=True)
     finally:
         unregister_gate("entropy_sigmoid_trl")
+
+
+# -- the entropy-scaled trust region -------------------------------------------------------------------------------
+
+ESTR_MEANINGLESS = {
+    "epsilon_without_threshold": (dict(gate_estr_epsilon=0.1), "gate_estr_epsilon: only applies with estr_threshold"),
+    "input_gate": (dict(gate="dppo", gate_estr_threshold=0.5), "gate_estr_threshold: gate='dppo' has its own"),
+    "sequence_level": (dict(loss_type="grpo", gate="sigmoid", gate_estr_threshold=0.5,
+                            importance_sampling_level="sequence"), "gate_estr_threshold: the entropy-scaled region"),
+    "bad_threshold": (dict(gate_estr_threshold=-1.0), "gate_estr_threshold: must be finite and > 0"),
+}
+
+
+@pytest.mark.parametrize("case", ESTR_MEANINGLESS.values(), ids=ESTR_MEANINGLESS.keys())
+def test_meaningless_entropy_scaled_settings_are_refused_with_the_configuration(case):
+    options, message = case
+    with pytest.raises(ValueError, match=message):
+        config(**options)
+
+
+def test_entropy_scaled_region_reads_the_old_policy_pass_entropy(model_dir, tmp_path, monkeypatch):
+    """With generation every other optimizer step TRL runs an old-policy pass: its entropies reach the loss as
+    ``old_entropy`` (no extra pass), the threshold and floor as given, and the dropped share is logged."""
+    seen = []
+    original = gated_trl.gated_policy_loss
+
+    def recording(*args, **kwargs):
+        seen.append(dict(kwargs, completion_ids=args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gated_trl, "gated_policy_loss", recording)
+    passes = []
+    original_pass = GatedGRPOTrainer._old_pass
+
+    def counting(self, model, args, kwargs):
+        passes.append(kwargs.get("compute_entropy"))
+        return original_pass(self, model, args, kwargs)
+
+    monkeypatch.setattr(GatedGRPOTrainer, "_old_pass", counting)
+    trainer = fixtures.train(GatedGRPOTrainer, GatedGRPOConfig, model_dir, tmp_path,
+                             dict(gate="sigmoid", loss_type="grpo", max_steps=2, steps_per_generation=4,
+                                  gate_estr_threshold=0.01, gate_estr_epsilon=0.02))
+    assert passes and all(passes), "the old-policy pass did not compute the entropy"
+    assert seen and all(call["estr_threshold"] == 0.01 and call["estr_epsilon"] == 0.02 for call in seen)
+    given = [call["old_entropy"] for call in seen]
+    assert all(entropy is not None and entropy.shape == call["completion_ids"].shape
+               for entropy, call in zip(given, seen, strict=True))
+    logs = fixtures.step_logs(trainer)
+    assert all(0.0 <= entry["estr/masked_fraction"] <= 1.0 for entry in logs)

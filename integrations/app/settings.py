@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fused_gates import BACKENDS, INPUT_GATES, PAPER_GATES, available_gates, get_gate
+from fused_gates.entropy_trust import ESTR_EPSILON
 from fused_gates.gate_inputs import DEFAULTS as D
 from fused_gates.gate_inputs import resolve_input_parameters
+from fused_gates.options import LossOptions
 from fused_gates.validation import number_argument
 
 __all__ = [
@@ -199,6 +201,13 @@ SETTINGS: tuple[Setting, ...] = (
           ("gmpo_epsilon", positive_float, f"gmpo: log-space clip range of the token ratios ({D.gmpo_epsilon_high:g})"),
       )),
 
+    # the entropy-scaled trust region (fused_gates.entropy_trust) on a gate of the token's ratio
+    Setting("estr_threshold", None, type=positive_float, group=GATE,
+            help="keep a token's policy term where (log r)^2 <= threshold * (H_old + --estr-epsilon) (off)",
+            trainer="gate_estr_threshold", annotation="float | None"),
+    Setting("estr_epsilon", None, type=positive_float, group=GATE,
+            help=f"entropy floor of --estr-threshold ({ESTR_EPSILON:g})", trainer="gate_estr_epsilon",
+            annotation="float | None"),
     Setting("gate_backend", "auto", choices=BACKENDS, group=GATE, trainer="gate_backend", annotation="str"),
     Setting("gate_memory_budget_mb", None, type=positive_float, group=GATE, trainer="gate_memory_budget_mb",
             annotation="float | None"),
@@ -373,6 +382,12 @@ def _check_combinations(parser: argparse.ArgumentParser, settings: RunSettings, 
     options = {name: getattr(settings, name) for name in _INPUT_OPTIONS}
     try:
         resolve_input_parameters(get_gate(settings.gate), options)
+    except (TypeError, ValueError) as error:
+        name, _, message = str(error).partition(": ")
+        parser.error(f"--{name.replace('_', '-')}: {message}")
+    try:  # the entropy-scaled trust region, on the gates of one token's ratio
+        LossOptions(estr_threshold=settings.estr_threshold, estr_epsilon=settings.estr_epsilon).check_estr(
+            get_gate(settings.gate))
     except (TypeError, ValueError) as error:
         name, _, message = str(error).partition(": ")
         parser.error(f"--{name.replace('_', '-')}: {message}")

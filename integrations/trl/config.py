@@ -30,6 +30,12 @@ The trust-region objectives that read more than the ratio (``gate="dppo"``, ``"d
 ``importance_sampling_level="sequence"`` (each defines its own ratio) and gmpo with ``use_bias_correction_kl``. ASPO's
 clip takes TRL's ``epsilon`` / ``epsilon_high``. M2PO's and BAPO's batch statistic is that of the micro-batch one
 process computes the loss on (as verl computes them).
+
+The entropy-scaled trust region (``gate_estr_threshold``, ``gate_estr_epsilon``: :mod:`fused_gates.entropy_trust`)
+applies to the gates of one token's ratio (clip, the soft gates, registered gates, cispo) at token level. Its log-ratio
+is the objective's, ``logp - old_per_token_logps``; its entropy is the old policy's from TRL's old-policy pass
+(computed there, no extra pass), or the current policy's when TRL runs none (then the ratio is 1 and nothing is
+dropped).
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from fused_gates import BACKENDS, NONFINITE_POLICIES, POLICY_OBJECTIVES, get_gate
+from fused_gates.entropy_trust import ESTR_EPSILON
 from fused_gates.gate_inputs import DEFAULTS as D
 from fused_gates.gate_inputs import GATE_OPTIONS, resolve_input_parameters
+from fused_gates.options import LossOptions
 from fused_gates.validation import check_number
 
 from .sampler_support import sampler_truncation
@@ -143,6 +151,17 @@ class GatedGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": f"gate='gmpo': log-space clip range of the token ratios (default {D.gmpo_epsilon_high:g})."},
     )
+    gate_estr_threshold: float | None = field(
+        default=None,
+        metadata={"help": "The entropy-scaled trust region (ESTR) on a gate of the token's ratio: a token's policy "
+                          "term is kept where (log r)^2 <= threshold * (H_old + gate_estr_epsilon), H_old the old "
+                          "policy's entropy from TRL's old-policy pass (the current policy's when TRL runs none). "
+                          "None: off."},
+    )
+    gate_estr_epsilon: float | None = field(
+        default=None,
+        metadata={"help": f"gate_estr_threshold: the entropy floor eps (default {ESTR_EPSILON:g})."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,7 +178,7 @@ class GateObjective:
     aggregation: str  # the fused loss's loss_type
     tau_pos: float | None  # None for a gate without temperature
     tau_neg: float | None
-    input_options: tuple[tuple[str, object], ...] = ()  # a gate that reads more than r: its given options
+    input_options: tuple[tuple[str, object], ...] = ()  # the given options of the gate's trust region
 
     @property
     def tempered(self) -> bool:
@@ -220,8 +239,9 @@ def resolve_objective(args: GatedGRPOConfig) -> GateObjective:
         problems.append(f"gate_on_nonfinite={args.gate_on_nonfinite!r}; choose one of "
                         f"{', '.join(NONFINITE_POLICIES)}")
     problems += _adaptive_problems(args)
-    input_options = {name: _as_tuple(getattr(args, f"gate_{name}")) for name in GATE_OPTIONS}
-    problems += _input_gate_problems(args, gate, input_options)
+    input_options = {name: _as_tuple(getattr(args, f"gate_{name}")) for name in (*GATE_OPTIONS, *ESTR_OPTIONS)}
+    problems += _input_gate_problems(args, gate, {name: input_options[name] for name in GATE_OPTIONS})
+    problems += _estr_problems(args, gate)
     problems += _support_problems(args)
     if problems:
         raise ValueError("GatedGRPOConfig: this configuration has no meaning:\n- " + "\n- ".join(problems))
@@ -250,6 +270,25 @@ def _input_gate_problems(args: GatedGRPOConfig, gate: str, options: dict[str, ob
     if resolved.whole_rows and args.use_bias_correction_kl and args.beta != 0:
         problems.append(f"use_bias_correction_kl: gate={gate!r} has no token ratio to correct the KL with")
     return problems
+
+
+ESTR_OPTIONS = ("estr_threshold", "estr_epsilon")
+"""The entropy-scaled trust region's options (``gate_`` prefixed here), checked by the core."""
+
+
+def _estr_problems(args: GatedGRPOConfig, gate: str) -> list[str]:
+    try:
+        resolved = get_gate(gate)
+    except (ValueError, TypeError):  # an unknown gate: refused above
+        return []
+    options = LossOptions(gate=resolved, estr_threshold=args.gate_estr_threshold,
+                          estr_epsilon=args.gate_estr_epsilon,
+                          importance_sampling_level=args.importance_sampling_level)
+    try:
+        options.check_estr(resolved)
+    except (TypeError, ValueError) as error:
+        return [f"gate_{error}"]
+    return []
 
 
 def _has_temperature(gate: str) -> bool:

@@ -11,7 +11,8 @@ The gate's own, by the same rules: ``eur`` (the Effective Update Ratio, paper eq
 the group's token mean of f'(r), over the true groups of the generation batch whatever rows each process and
 micro-batch holds), ``eur/on_policy`` or ``eur/off_policy`` (token-weighted f'(r) of the micro-batch, by whether the
 policy has changed since its log-probs were sampled), ``gate/mean``, ``ratio/mean|min|max`` and
-``nonfinite_tokens`` (the sum over processes of the tokens the loss dropped).
+``nonfinite_tokens`` (the sum over processes of the tokens the loss dropped); what a gate that reads more than r
+decided (``dppo/masked_fraction``, ...) and the entropy-scaled trust region's ``estr/masked_fraction``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fused_gates import GatedPolicyLossOutput
+from fused_gates.entropy_trust import ESTR_METRIC
 from fused_gates.metrics import cispo_flags, clip_flags, group_mean_parts, masked_sum_and_count
 
 from .config import GateObjective
@@ -119,7 +121,7 @@ class LossMetrics:
             indicator_mean("cispo_clip_ratio", cispo_flags(ratio, adv, s.epsilon_high))
         elif gate == "vespo" and phi_seq is not None:
             sums["vespo/phi_seq_mean"] = (phi_seq.float().sum(), rows)
-        for name in INPUT_GATE_METRICS.get(gate, ()):  # what the gate decided for this micro-batch
+        for name in (*INPUT_GATE_METRICS.get(gate, ()), *(k for k in (ESTR_METRIC,) if k in out.metrics)):
             value = out.metrics[name].float().reshape(())
             # the masked share token-weighted over processes, BAPO's bounds averaged over processes
             sums[name] = (value * count, count) if name.endswith("masked_fraction") else (value, rows.new_ones(()))

@@ -52,6 +52,8 @@ GROUP_KEY = "fused_gates_group"
 """Input key of each row's prompt group (global row index // group size), attached when the batch is scored so that
 it survives TRL's shuffle and split of the generation batch."""
 GENERATED_AT_KEY = "fused_gates_generated_at_step"
+OLD_ENTROPY_KEY = "fused_gates_old_entropy"
+"""The old policy's per-token entropy from TRL's old-policy pass (the entropy-scaled trust region's H)."""
 """Input key of the optimiser step at which the batch was generated (0-dim): tells off-policy micro-batches."""
 
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -93,6 +95,8 @@ class GatedGRPOTrainer(GRPOTrainer):
         if args.logprob_support == "sampler":
             self._sampler_support = SamplerSupport(sampler_truncation(args), args.sampler_kept_bound)
         self._expect_old_pass = False
+        self._reads_old_entropy = args.gate_estr_threshold is not None
+        self._old_entropy: torch.Tensor | None = None
         with self._gated_heads_installed(args, self._sampler_support):
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -170,15 +174,18 @@ class GatedGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         self._warn_truncation_bias()  # use_vllm may have been set after construction
         support = self._sampler_support
-        if support is not None:
+        if support is not None or self._reads_old_entropy:
             # TRL's first log-prob pass of the batch is the old policy's when it runs one (the same condition as TRL)
             generate_every = self.args.steps_per_generation * self.num_iterations
             self._expect_old_pass = bool(self.args.gradient_accumulation_steps % generate_every != 0 or (
                 self.use_vllm and self.vllm_importance_sampling_correction))
+        self._old_entropy = None
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
+        self._expect_old_pass = False
+        if self._old_entropy is not None:
+            output[OLD_ENTROPY_KEY], self._old_entropy = self._old_entropy, None
         if support is not None:
-            self._expect_old_pass = False
             replayed = support.finish_old_pass(output["completion_ids"].size(1))
             if replayed is not None:
                 output[KEPT_IDS_KEY] = replayed[0]
@@ -192,10 +199,20 @@ class GatedGRPOTrainer(GRPOTrainer):
         return output
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        support = self._sampler_support
-        if support is None or not self._expect_old_pass:
+        if not self._expect_old_pass:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        self._expect_old_pass = False  # the reference pass that may follow stays over the whole vocabulary
+        self._expect_old_pass = False  # the reference pass that may follow is not the old policy's
+        if self._reads_old_entropy:  # the entropy-scaled trust region's H: the old policy's, from this same pass
+            asked = kwargs.get("compute_entropy", False)
+            logps, entropies, *rest = self._old_pass(model, args, {**kwargs, "compute_entropy": True})
+            self._old_entropy = entropies.detach()
+            return (logps, entropies if asked else None, *rest)
+        return self._old_pass(model, args, kwargs)
+
+    def _old_pass(self, model, args, kwargs):
+        support = self._sampler_support
+        if support is None:
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         support.start_old_pass()
         try:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
@@ -260,7 +277,9 @@ class GatedGRPOTrainer(GRPOTrainer):
             options["tau_pos"], options["tau_neg"] = self._gate_temperatures
         if args.delta is not None:  # the configuration refuses it for a gate other than clip
             options["delta"] = args.delta
-        options.update(objective.input_options)  # the options of a gate that reads more than r
+        options.update(objective.input_options)  # the options of the gate's trust region
+        if self._reads_old_entropy:  # None (no old-policy pass): the current policy's entropy stands in
+            options["old_entropy"] = inputs.get(OLD_ENTROPY_KEY)
         if objective.gate == "vespo":
             options["vespo_k"] = (args.vespo_k_pos, args.vespo_k_neg)
             options["vespo_lambda"] = (args.vespo_lambda_pos, args.vespo_lambda_neg)

@@ -99,6 +99,7 @@ def option_cases(inputs) -> dict[str, dict]:
         # the gates that read more than r and need no batch statistic (m2po and bapo are refused: check_errors)
         "dppo-dapo": dict(gate="dppo", loss_type="dapo", dppo_delta=0.05),
         "dppo_kl-bnpo": dict(gate="dppo_kl", loss_type="bnpo", dppo_delta=0.02),
+        "sigmoid-estr": dict(gate="sigmoid", estr_threshold=0.05),
         "aspo-entropy-bonus": dict(gate="aspo", entropy_coef=0.02),
         "gmpo-grpo": dict(gate="gmpo", gmpo_epsilon=0.3),
         "gmpo-bnpo-group-size": dict(gate="gmpo", loss_type="bnpo", group_size=2),

@@ -33,6 +33,7 @@ CASES = {
     "sigmoid-off-policy-mask": dict(gate="sigmoid", off_policy_mask_threshold=0.05),
     "dppo-grpo-kl": dict(gate="dppo", beta=0.05, dppo_delta=0.01),
     "dppo_kl-dapo": dict(gate="dppo_kl", loss_type="dapo", dppo_delta=0.02),
+    "clip-estr-current-entropy": dict(gate="clip", estr_threshold=0.05),  # the entropy of the whole vocabulary
     "m2po-bnpo-entropy": dict(gate="m2po", loss_type="bnpo", entropy_coef=0.05, m2po_threshold=0.02),
     "bapo-dapo": dict(gate="bapo", loss_type="dapo"),
     "aspo-grpo-kl": dict(gate="aspo", beta=0.05, use_bias_correction_kl=True),
