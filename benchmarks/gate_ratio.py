@@ -1,11 +1,12 @@
 """The training step of each gate relative to the sigmoid gate's, on a shared machine: interleaved rounds, minimum
 over rounds of wall time and of process CPU time (other jobs inflate both, never shrink them).
 
-    python benchmarks/gate_ratio.py --shape 8 64 --rounds 4 [--gates sigmoid,dppo,m2po,bapo,aspo,gmpo] [--out F.md]
+    python benchmarks/gate_ratio.py --shape 8 64 --rounds 4 [--gates sigmoid,dppo,dppo_kl,...,sigmoid+estr] [--out F.md]
 
 Forward + backward of ``gated_policy_loss`` (``backend="auto"``) at Qwen2.5-0.5B's head (H = 896, V = 151,936), the
 inputs of ``head_impls.make_case`` (B x T tokens, the last 1/8 of each row masked); each gate's loss is checked
-against the float32 reference of ``head_impls`` (materialised log-probs) before its times count. The gate sweep of
+against the float32 reference of ``head_impls`` (materialised log-probs) before its times count. ``<gate>+estr`` is the
+gate with the entropy-scaled trust region (``estr_threshold=0.5``, a given behaviour entropy). The gate sweep of
 ``test_head.py`` measures the same rows with pytest-benchmark; this script is for a CPU that other work shares, where
 one round each is mostly noise.
 """
@@ -18,7 +19,7 @@ import time
 import torch
 from head_impls import make_case, ours, policy_loss, reference_logprobs
 
-DEFAULT_GATES = ("sigmoid", "dppo", "m2po", "bapo", "aspo", "gmpo")
+DEFAULT_GATES = ("sigmoid", "dppo", "dppo_kl", "m2po", "bapo", "aspo", "gmpo", "clip+estr", "sigmoid+estr")
 HEAD = (896, 151_936)  # Qwen2.5-0.5B
 
 

@@ -123,18 +123,37 @@ def gate_value(gate: str, ratio: Tensor, advantages: Tensor) -> Tensor:
     raise ValueError(f"unknown gate {gate!r}")
 
 
+ESTR_SUFFIX = "+estr"
+"""``<gate>+estr``: the gate with the entropy-scaled trust region (``estr_threshold``), the behaviour policy's
+entropy given (:func:`behaviour_entropy`)."""
+ESTR_THRESHOLD = 0.5
+
+
+def behaviour_entropy(case: Case) -> Tensor:
+    """A fixed behaviour-policy entropy per position in [0, 3) (the case's shape, its device)."""
+    generator = torch.Generator().manual_seed(11)
+    return (3.0 * torch.rand(case.ids.shape, generator=generator)).to(case.old.device)
+
+
 def policy_loss(logps: Tensor, case: Case, gate: str = "sigmoid") -> Tensor:
     """``-f(r) A`` per token, averaged per sequence over its mask, then over sequences (TRL's ``grpo``); the gates that
     read more than r take the float64 specification's per-token term (``fused_gates.reference``) at the papers'
-    defaults."""
+    defaults; ``<gate>+estr`` keeps the tokens with ``(log r)^2 <= tau (H + 0.01)``."""
+    if gate.endswith(ESTR_SUFFIX):
+        gate = gate.removesuffix(ESTR_SUFFIX)
+        keep = ((logps.float() - case.old).square() <= ESTR_THRESHOLD * (behaviour_entropy(case) + 0.01)).float()
+    else:
+        keep = torch.ones_like(case.old)
     if gate in INPUT_GATES:
         m = case.mask.double()
+        opts = dict(TRUST_REGION_DEFAULTS)
+        if gate == "dppo_kl":
+            opts["dppo_delta"] = opts["dppo_kl_delta"]
         per_token, _, _ = trust_region_terms(gate, logps.double(), case.old.double(),
-                                             case.advantages.double().unsqueeze(1), m, EPSILON, EPSILON,
-                                             dict(TRUST_REGION_DEFAULTS))
+                                             case.advantages.double().unsqueeze(1), m, EPSILON, EPSILON, opts)
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean().float()
     ratio = torch.exp(logps.float() - case.old)
-    per_token = -gate_value(gate, ratio, case.advantages.unsqueeze(1)) * case.advantages.unsqueeze(1)
+    per_token = -gate_value(gate, ratio, case.advantages.unsqueeze(1)) * case.advantages.unsqueeze(1) * keep
     m = case.mask.to(per_token.dtype)
     return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
 
@@ -165,9 +184,13 @@ def reference_logprobs(case: Case) -> Tensor:
 def _ours(case: Case, gate: str, backend: str, memory_budget_mb: float | None = None) -> Tensor:
     from fused_gates import gated_policy_loss
 
+    estr = {}
+    if gate.endswith(ESTR_SUFFIX):
+        gate = gate.removesuffix(ESTR_SUFFIX)
+        estr = dict(estr_threshold=ESTR_THRESHOLD, old_entropy=behaviour_entropy(case))
     out = gated_policy_loss(case.hidden, case.weight, case.ids, case.advantages, case.mask, case.old, gate=gate,
                             tau_pos=TAU_POS, tau_neg=TAU_NEG, epsilon_low=EPSILON, epsilon_high=EPSILON,
-                            backend=backend, memory_budget_mb=memory_budget_mb)
+                            backend=backend, memory_budget_mb=memory_budget_mb, **estr)
     out.loss.backward()
     return out.loss.detach()
 
