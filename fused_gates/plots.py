@@ -218,7 +218,17 @@ def run_label(folder: str | Path) -> str:
 
 def describe_gate(settings: dict[str, Any]) -> str | None:
     """``"erf (tau+ 10, tau- 12)"``, ``"clip (eps 0.2)"``, ``"erf (tau+ 10, tau- 12, adapted to EUR 0.8)"`` (starting
-    temperatures); ``None`` when ``settings`` names no gate."""
+    temperatures), ``"clip (eps 0.2) in ESTR (tau 0.04)"`` (the entropy-scaled trust region); ``None`` when
+    ``settings`` names no gate."""
+    label = _describe_gate(settings)
+    threshold = settings.get("estr_threshold")
+    if label is None or threshold is None:
+        return label
+    epsilon = settings.get("estr_epsilon")
+    return f"{label} in ESTR (tau {threshold:g}{'' if epsilon is None else f', eps {epsilon:g}'})"
+
+
+def _describe_gate(settings: dict[str, Any]) -> str | None:
     gate = settings.get("gate")
     if not gate:
         return None

@@ -310,3 +310,11 @@ def test_gates_reading_more_than_the_ratio_are_labelled_by_their_options_not_tem
     settings = {"gate": gate, "tau_pos": 10.0, "tau_neg": 12.0, "epsilon": 0.2, option: None}  # the script's defaults
     assert describe_gate(settings) == f"{gate} (paper defaults)"
     assert describe_gate({**settings, option: 0.3}) == f"{gate} ({option} 0.3)"
+
+
+def test_gate_inside_the_entropy_scaled_region_is_labelled_with_its_threshold() -> None:
+    settings = {"gate": "clip", "epsilon": 0.2, "estr_threshold": None, "estr_epsilon": None}
+    assert describe_gate(settings) == "clip (eps 0.2)"
+    assert describe_gate({**settings, "estr_threshold": 0.04}) == "clip (eps 0.2) in ESTR (tau 0.04)"
+    assert describe_gate({"gate": "sigmoid", "tau_pos": 10.0, "tau_neg": 12.0, "estr_threshold": 0.5,
+                          "estr_epsilon": 0.02}) == "sigmoid (tau+ 10, tau- 12) in ESTR (tau 0.5, eps 0.02)"

@@ -10,8 +10,10 @@ gate of seed k starts RL from this same model, data and sampling seed), then tra
 * ``clip`` with epsilon 0.2 (GRPO);
 * ``sigmoid`` (SAPO), ``erf``, ``arctan``, ``softsign`` with tau_pos 10, tau_neg 12 (the paper's pair);
 * ``erf-adaptive``: erf starting from 10 / 12 with ``--eur-target 0.8`` (``adaptive_gate.py``);
-* ``dppo``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``: the gates that read more than r (``fused_gates.gate_inputs``),
-  each with its paper's defaults.
+* ``dppo``, ``dppo_kl``, ``m2po``, ``bapo``, ``aspo``, ``gmpo``: the gates that read more than r
+  (``fused_gates.gate_inputs``), each with its paper's defaults;
+* ``clip-estr``, ``sigmoid-estr``: clip and sigmoid (as above) inside the entropy-scaled trust region
+  (``--estr-threshold 0.04``, ``fused_gates.entropy_trust``).
 
 ``--gates`` runs some of them only; with ``--append`` the rows of ``<out>/runs.csv`` of the other gates and seeds
 are kept (a seed's warm-up is deterministic, so runs added later stay paired with the earlier ones of their seed).
@@ -65,6 +67,7 @@ class StudyGate:
 
 
 SOFT = ("--tau-pos", "10", "--tau-neg", "12")
+ESTR_STUDY_THRESHOLD = "0.04"
 STUDY_GATES: tuple[StudyGate, ...] = (
     StudyGate("clip", ("--gate", "clip", "--epsilon", "0.2")),
     StudyGate("sigmoid", ("--gate", "sigmoid", *SOFT)),
@@ -74,6 +77,10 @@ STUDY_GATES: tuple[StudyGate, ...] = (
     StudyGate("erf-adaptive", ("--gate", "erf", *SOFT, "--eur-target", "0.8")),
     # the gates that read more than r (fused_gates.gate_inputs), each with its paper's defaults
     *(StudyGate(name, ("--gate", name)) for name in INPUT_GATES),
+    # the entropy-scaled trust region on clip (ESTR) and on SAPO's sigmoid; its paper's tau is not published with a
+    # default: 0.04 bounds the squared log-ratio per unit of entropy as M2PO bounds the batch's second moment
+    StudyGate("clip-estr", ("--gate", "clip", "--epsilon", "0.2", "--estr-threshold", ESTR_STUDY_THRESHOLD)),
+    StudyGate("sigmoid-estr", ("--gate", "sigmoid", *SOFT, "--estr-threshold", ESTR_STUDY_THRESHOLD)),
 )
 BASELINE = "clip"
 
@@ -86,6 +93,7 @@ RUN_COLUMNS = (
     ("entropy", "entropy"),
     ("tau_pos", "gate/tau_pos"),
     ("tau_neg", "gate/tau_neg"),
+    ("estr_masked_fraction", "estr/masked_fraction"),
 )
 
 
