@@ -23,6 +23,7 @@ from .self_check import use_public_functions
 from .sequence_parallel import checked_on_every_rank, global_loss_and_metrics, head_fingerprint, loss_fingerprint
 from .support import check_support, kept_mass_metrics, scatter_kept_ids, support_backend, with_support
 from .tokens import plan_logprob_tokens, plan_loss_tokens
+from .topk_logprobs import current_topk_logprobs
 from .validation import fail
 
 __all__ = ["GatedPolicyLossOutput", "gated_policy_loss", "token_logprobs"]
@@ -105,6 +106,8 @@ def gated_policy_loss(
     estr_threshold: float | None = L.estr_threshold,
     estr_epsilon: float | None = L.estr_epsilon,
     old_entropy: Tensor | None = L.old_entropy,
+    old_topk_ids: Tensor | None = L.old_topk_ids,
+    old_topk_logprobs: Tensor | None = L.old_topk_logprobs,
 ) -> GatedPolicyLossOutput:
     """Gated policy-gradient loss (GRPO / SAPO and the paper's soft gates) from last hidden states and the lm_head,
     without materialising the ``[B*T, V]`` logits.
@@ -217,6 +220,10 @@ def gated_policy_loss(
             paper's tau is not published with a default); ``estr_epsilon`` defaults to the paper's 0.01. With
             ``gate="clip"`` this is ESTR; with a soft gate, its entropy-scaled variant. Token level, gates of one
             token's ratio (the paper's, registered ones, cispo) only. Metric ``estr/masked_fraction``.
+        old_topk_ids, old_topk_logprobs: [B, T, K] the behaviour policy's K most likely ids per position and their
+            log-probs (an inference engine's top-K log-probs): with ``gate="dppo"`` / ``"dppo_kl"``, DPPO's Top-K TV /
+            KL divergence (the K tokens and the rest as one bucket) replaces the Binary one, at the cost of one
+            no-gradient pass more (:mod:`fused_gates.topk_divergence`). Not with the sampler's support.
 
     Returns:
         :class:`GatedPolicyLossOutput` with the scalar ``loss`` and detached per-token ``logprobs``, ``entropy``,
@@ -239,6 +246,9 @@ def gated_policy_loss(
                                 logprob_pass=False)
         if sequence_group is not None:
             _refuse_with_sequence_group(args.config.needs_whole_batch, request)
+        if request is not None and loss_options.old_topk_ids is not None:
+            raise fail("old_topk_ids", "DPPO's Top-K divergence compares full-vocabulary distributions; it is not "
+                       "combined with the sampler's support (kept_token_ids, top_k, top_p, min_p)")
         return batch, args, request
 
     given = {"completion_mask": completion_mask, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
@@ -248,6 +258,10 @@ def gated_policy_loss(
     planned = plan_loss_tokens(batch, args, sequence)
 
     head = batch.head
+    topk_ids = args.options.old_topk_ids
+    if topk_ids is not None:  # DPPO's Top-K divergence: the current log-probs at the ids, one pass before the loss
+        ids = planned.plan.gather_rows(topk_ids.reshape(-1, topk_ids.shape[-1]).long())
+        planned.tokens.current_topk_logprobs = current_topk_logprobs(planned.hidden.detach(), head, ids)
     support = None
     if request is not None:
         support = request.plan(planned.plan, planned.ids.shape[0], head.accumulate_dtype, batch.device)

@@ -179,6 +179,19 @@ def _check_optional_map(name: str, value: object, shape: tuple[int, int], device
     return value
 
 
+def _check_topk(ids: object, logprobs: object, shape: tuple[int, int], device: torch.device) -> None:
+    """DPPO's Top-K inputs: integer ids and float log-probs, both [B, T, K] with K >= 1."""
+    check_tensor("old_topk_ids", ids)
+    if ids.dim() != 3 or tuple(ids.shape[:2]) != shape or ids.shape[2] < 1:
+        raise fail("old_topk_ids", f"expected shape [{shape[0]}, {shape[1]}, K] (B, T of hidden; K >= 1), got "
+                   f"{list(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+        raise fail("old_topk_ids", f"expected an integer tensor, got {ids.dtype}", TypeError)
+    if ids.device != device:
+        raise fail("old_topk_ids", f"expected device {device} (that of hidden), got {ids.device}")
+    check_float_tensor("old_topk_logprobs", logprobs, tuple(ids.shape), device)
+
+
 def check_loss_arguments(
     batch: Batch, advantages: object, old_logprobs: object, ref_logprobs: object, options: LossOptions
 ) -> LossArguments:
@@ -207,6 +220,8 @@ def check_loss_arguments(
         check_float_tensor("sampling_logprobs", options.sampling_logprobs, (rows, length), device)
     if options.old_entropy is not None:
         check_float_tensor("old_entropy", options.old_entropy, (rows, length), device)
+    if options.old_topk_ids is not None:
+        _check_topk(options.old_topk_ids, options.old_topk_logprobs, (rows, length), device)
     items = options.num_items_in_batch
     if isinstance(items, Tensor) and options.loss_type == "dapo":
         check_tensor("num_items_in_batch", items)

@@ -305,8 +305,7 @@ def loss_forward(
     logprobs, entropy, log_sum_exp = (hidden.new_empty(num_tokens, dtype=acc) for _ in range(3))
     grads = GradientAccumulator(num_tokens, hidden.shape[1], head, needs, hidden.device)
     fused = getattr(backend, "fused_token_chunk", None)
-    use_fused = (fused is not None and not config.needs_whole_rows and head.shard is None
-                 and config.gate.kernel_id is not None and config.estr_threshold is None)
+    use_fused = fused is not None and not config.needs_whole_rows and head.shard is None and config.in_kernel_epilogue
     keep = "logits" if config.has_entropy_bonus else "exp"
     parts = []
     for chunk in chunks:

@@ -75,8 +75,8 @@ budget: when the batch fits one chunk the loss, gradient coefficients and gradie
 products); otherwise the forward takes the statistics pass and the backward recomputes the logits (four products),
 as for a row longer than a chunk (``fused_gates.chunk_driver``). On the Triton backend these gates take the
 unfused path (the statistics kernel, this module in torch, the gradient kernel): no extra product, but no fused
-epilogue either. DPPO's Top-K divergence approximation (which needs the behaviour policy's top-K probabilities
-per token) is not implemented.
+epilogue either. DPPO's Top-K divergence approximations (``old_topk_ids`` / ``old_topk_logprobs``, the behaviour
+policy's top-K per token) replace the Binary divergence of ``dppo`` / ``dppo_kl``: ``fused_gates.topk_divergence``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ from torch import Tensor
 
 from .admissibility import MAX_LOG_RATIO
 from .gates import INPUT_GATES, Gate, GateInputs, GateParameters
+from .topk_divergence import topk_valid
 from .validation import check_number, fail
 
 DPPO_RATIO_CAP = 20.0
@@ -115,9 +116,12 @@ class InputGateParameters:
     aspo_dual_clip: float = 3.0
     gmpo_epsilon_low: float = 0.4
     gmpo_epsilon_high: float = 0.4
+    dppo_topk: bool = False  # the Top-K divergence (given the behaviour policy's top-K) instead of the Binary one
 
 
 DEFAULTS = InputGateParameters()
+DPPO_GATES = ("dppo", "dppo_kl")
+"""DPPO's two divergences: total variation (Binary-TV, or Top-K TV) and KL (Binary-KL, or Top-K KL)."""
 
 GATE_OPTIONS = {
     "dppo_delta": ("dppo", "dppo_kl"),
@@ -196,6 +200,8 @@ class Tokens(Protocol):
     row_share: Tensor
     num_rows: int
     row_reduce: Callable[[Tensor], Tensor] | None
+    old_topk_logprobs: Tensor | None
+    current_topk_logprobs: Tensor | None
 
 
 @dataclass
@@ -237,8 +243,8 @@ def evaluate_input_gate(gate: Gate, logprobs: Tensor, entropy: Tensor, tokens: T
         value, derivative = gate.value(read), gate.derivative(read)
         return InputGateTerms(ratio, value, derivative, -value * advantages, -derivative * advantages, zeros)
     assert inputs is not None
-    if gate.name in ("dppo", "dppo_kl"):
-        return _dppo(gate.name, logprobs, old, ratio, advantages, inputs, zeros)
+    if gate.name in DPPO_GATES:
+        return _dppo(gate.name, logprobs, old, ratio, tokens, inputs, zeros)
     if gate.name == "m2po":
         keep = m2po_keep(log_ratio, tokens.mask, inputs.m2po_threshold)
         return InputGateTerms(ratio, keep * ratio, _unclipped_at_zero(keep, advantages), -keep * ratio * advantages,
@@ -251,9 +257,13 @@ def evaluate_input_gate(gate: Gate, logprobs: Tensor, entropy: Tensor, tokens: T
     return _gmpo(logprobs, old, advantages, tokens, inputs, zeros)
 
 
-def _dppo(name: str, logprobs: Tensor, old: Tensor, ratio: Tensor, advantages: Tensor, inputs: InputGateParameters,
+def _dppo(name: str, logprobs: Tensor, old: Tensor, ratio: Tensor, tokens: Tokens, inputs: InputGateParameters,
           zeros: Tensor) -> InputGateTerms:
-    if name == "dppo":
+    advantages = tokens.advantages
+    if inputs.dppo_topk:  # fused_gates.topk_divergence
+        valid = topk_valid("tv" if name == "dppo" else "kl", logprobs, old, advantages, tokens.old_topk_logprobs,
+                           tokens.current_topk_logprobs, inputs.dppo_delta_low, inputs.dppo_delta_high)
+    elif name == "dppo":
         shift = torch.exp(logprobs) - torch.exp(old)
         valid = torch.where(advantages > 0, shift <= inputs.dppo_delta_high, shift >= -inputs.dppo_delta_low)
     else:

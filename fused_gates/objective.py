@@ -76,6 +76,13 @@ class ObjectiveConfig:
                 or self.gate.whole_rows)
 
     @property
+    def in_kernel_epilogue(self) -> bool:
+        """Whether a backend's token-level kernel can evaluate this objective in its epilogue (a gate with a kernel
+        form, no mask or divergence that needs inputs the kernel does not read)."""
+        topk = self.input_params is not None and self.input_params.dppo_topk
+        return self.gate.kernel_id is not None and self.estr_threshold is None and not topk
+
+    @property
     def needs_whole_batch(self) -> bool:
         """Whether a token's coefficient depends on a statistic of the whole batch (then one chunk must hold the
         batch, or the backward recomputes)."""
@@ -102,6 +109,8 @@ class TokenData:
     row_token_counts: list[int] | None = None  # tokens of each row, on the host (read with the value checks)
     row_reduce: Callable[[Tensor], Tensor] | None = None  # per-row partial sums -> whole rows' (sequence-sharded)
     old_entropy: Tensor | None = None  # the behaviour policy's entropy (ESTR's H_t); None: the current policy's
+    old_topk_logprobs: Tensor | None = None  # [N, K] the behaviour policy's top-K log-probs (DPPO's Top-K)
+    current_topk_logprobs: Tensor | None = None  # [N, K] the current policy's at the same ids (a pass before the loss)
 
     @property
     def count(self) -> int:

@@ -12,13 +12,13 @@ the same objects. :meth:`LossOptions.check_scalars` validates everything that ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from torch import Tensor
 
 from .entropy_trust import ESTR_EPSILON
-from .gate_inputs import GATE_OPTIONS, resolve_input_parameters
+from .gate_inputs import DPPO_GATES, GATE_OPTIONS, resolve_input_parameters
 from .gates import Gate, GateParameters, get_gate
 from .objective import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, ObjectiveConfig
 from .validation import check_choice, check_number, fail
@@ -97,6 +97,9 @@ class LossOptions(_Collect):
     estr_threshold: float | None = None
     estr_epsilon: float | None = None  # None: ESTR_EPSILON
     old_entropy: Tensor | None = None
+    # DPPO's Top-K divergence (fused_gates.topk_divergence): the behaviour policy's top-K ids and log-probs
+    old_topk_ids: Tensor | None = None
+    old_topk_logprobs: Tensor | None = None
 
     def check_scalars(self) -> ObjectiveConfig:
         """Every check that needs no tensor (each error names the option), and the objective they configure."""
@@ -133,6 +136,15 @@ class LossOptions(_Collect):
         if self.group_ids is not None and self.group_size is not None:
             raise fail("group_ids", "give group_size or group_ids, not both")
         input_params = resolve_input_parameters(gate, {name: getattr(self, name) for name in GATE_OPTIONS})
+        if (self.old_topk_ids is None) != (self.old_topk_logprobs is None):
+            given, missing = (("old_topk_ids", "old_topk_logprobs") if self.old_topk_logprobs is None
+                              else ("old_topk_logprobs", "old_topk_ids"))
+            raise fail(missing, f"is required with {given} (the behaviour policy's top-K ids and their log-probs)")
+        if self.old_topk_ids is not None:
+            if gate.name not in DPPO_GATES:
+                raise fail("old_topk_ids", f"DPPO's Top-K divergence applies to gate='dppo' / gate='dppo_kl'; it would "
+                           f"be ignored with gate={gate.name!r}")
+            input_params = replace(input_params, dppo_topk=True)
         if gate.reads_inputs and self.importance_sampling_level != "token":
             raise fail("importance_sampling_level", f"gate={gate.name!r} defines its own ratio; only 'token' applies")
         if gate.whole_rows and self.use_bias_correction_kl and self.beta != 0:

@@ -92,6 +92,21 @@ def trust_region_terms(gate: str, logp: Tensor, old: Tensor, adv: Tensor, mask: 
     a = adv.expand_as(logp)
     ratio = torch.exp(logp - old)
     r = ratio.detach()
+    if gate in ("dppo", "dppo_kl") and opts.get("topk") is not None:  # arXiv:2602.04879, Top-K TV / KL
+        delta_low, delta_high = opts["dppo_delta"]
+        old_topk, current_topk = opts["topk"]
+        p_k, q_k = old_topk.exp(), current_topk.exp()
+        p_rest = torch.clamp(1 - p_k.sum(-1), min=0.0)
+        q_rest = torch.clamp(1 - q_k.sum(-1), min=0.0)
+        if gate == "dppo":
+            divergence = 0.5 * ((p_k - q_k).abs().sum(-1) + (p_rest - q_rest).abs())
+        else:
+            rest = torch.where(p_rest > 0, p_rest * torch.log(p_rest / q_rest), torch.zeros_like(p_rest))
+            divergence = (p_k * (old_topk - current_topk)).sum(-1) + rest
+        p, p_old = logp.detach().exp(), old.exp()
+        invalid = torch.where(a > 0, (divergence > delta_high) & (p > p_old), (divergence > delta_low) & (p < p_old))
+        weight = torch.clamp(r, max=20.0) * (~invalid).to(logp.dtype)
+        return -a * weight * logp, weight, ratio
     if gate == "dppo":  # arXiv:2602.04879, Binary-TV; verl's dppo_tv (truncation at 20)
         delta_low, delta_high = opts["dppo_delta"]
         shift = logp.detach().exp() - old.exp()
@@ -224,12 +239,15 @@ def reference_loss(
     estr_threshold: float | None = None,
     estr_epsilon: float = 0.01,
     old_entropy: Tensor | None = None,
+    old_topk_ids: Tensor | None = None,
+    old_topk_logprobs: Tensor | None = None,
 ) -> ReferenceResult:
     """Differentiable w.r.t. whichever of hidden / weight / bias require grad (use float64 leaves). ``kept_mask``
     [B, T, V] (bool): the sampler's support of each token; log-probs and entropies are then those of the softmax
     renormalised over it (e.g. from :func:`reference_sampler_support`). ``estr_threshold``: ESTR's keep mask
     (arXiv:2607.22186) ``1[(logp - old)^2 / (H + estr_epsilon) <= estr_threshold]`` on the policy term, ``H`` the
-    behaviour entropy ``old_entropy`` or the current one."""
+    behaviour entropy ``old_entropy`` or the current one. ``old_topk_ids`` / ``old_topk_logprobs`` [B, T, K]: DPPO's
+    Top-K divergence between the behaviour's top-K (plus the rest) and the current policy at the same ids."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     batch, length, _ = hidden.shape
     dtype = hidden.dtype
@@ -269,7 +287,10 @@ def reference_loss(
     if gate in TRUST_REGION_GATES:
         if dppo_delta is None:  # each variant's own bound
             dppo_delta = TRUST_REGION_DEFAULTS["dppo_kl_delta" if gate == "dppo_kl" else "dppo_delta"]
-        opts = {"dppo_delta": dppo_delta, "m2po_threshold": m2po_threshold, "bapo_rho": bapo_rho,
+        topk = None
+        if old_topk_ids is not None:
+            topk = (old_topk_logprobs.to(dtype), log_probs_all.detach().gather(-1, old_topk_ids.long()))
+        opts = {"topk": topk, "dppo_delta": dppo_delta, "m2po_threshold": m2po_threshold, "bapo_rho": bapo_rho,
                 "bapo_bounds": bapo_bounds, "bapo_steps": bapo_steps, "aspo_dual_clip": aspo_dual_clip,
                 "gmpo_epsilon": gmpo_epsilon}
         per_token, gate_value, coef_1 = trust_region_terms(gate, logp, old, adv, mask, epsilon_low, eps_high, opts)

@@ -165,7 +165,7 @@ def plan_loss_tokens(head: Batch, args: LossArguments, sequence: SequenceShard |
             checks.append(ValueCheck("hidden", HIDDEN_NONFINITE, flagged.sum()))
         full_mask = given_mask
         keep = None if head.mask is None else selected
-    checks = _id_check(head.ids, head.head.vocab, keep) + checks + _option_checks(args, selected)
+    checks = _id_check(head.ids, head.head.vocab, keep) + checks + _option_checks(args, selected, head.head.vocab)
     inputs = [("advantages", args.advantages)]
     if head.on_nonfinite != "zero":
         inputs += [("old_logprobs", args.old_logprobs), ("ref_logprobs", args.ref_logprobs)]
@@ -210,8 +210,16 @@ def plan_loss_tokens(head: Batch, args: LossArguments, sequence: SequenceShard |
         row_token_counts=row_counts,
         row_reduce=None if sequence is None else sequence.reduce,
         old_entropy=None if options.old_entropy is None else plan.gather(options.old_entropy.to(acc)),
+        old_topk_logprobs=_topk_rows(options.old_topk_logprobs, acc, plan),
     )
     return LossTokens(plan, plan.gather_rows(head.hidden), plan.gather_rows(head.ids), tokens, tokens.mask, flagged)
+
+
+def _topk_rows(values: Tensor | None, dtype: torch.dtype | None, plan: TokenPlan) -> Tensor | None:
+    """A [B, T, K] input at the computed tokens, [N, K] (in ``dtype``, None: its own)."""
+    if values is None:
+        return None
+    return plan.gather_rows(values.reshape(-1, values.shape[-1]).to(dtype or values.dtype))
 
 
 def _policy_weight(args: LossArguments, entropy_mask: Tensor | None, acc: torch.dtype, plan: TokenPlan):
@@ -260,7 +268,7 @@ def _sequence_id_checks(packed: PackedRows, selected: Tensor) -> list[ValueCheck
                        "run of positions, in order)", packed.out_of_order(selected))]
 
 
-def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
+def _option_checks(args: LossArguments, selected: Tensor, vocab: int) -> list[ValueCheck]:
     checks = []
     options = args.options
     items = options.num_items_in_batch
@@ -271,6 +279,12 @@ def _option_checks(args: LossArguments, selected: Tensor) -> list[ValueCheck]:
         ratio = options.sampling_ratio
         checks.append(ValueCheck("sampling_ratio", "must be finite and >= 0 where the mask is set",
                                  (selected & ~(torch.isfinite(ratio) & (ratio >= 0))).any()))
+    if options.old_topk_ids is not None:
+        ids, logprobs = options.old_topk_ids, options.old_topk_logprobs
+        checks.append(ValueCheck("old_topk_ids", f"ids must lie in [0, {vocab}) (V of weight) where the mask is set",
+                                 (selected[..., None] & ((ids < 0) | (ids >= vocab))).any()))
+        checks.append(ValueCheck("old_topk_logprobs", "must be finite and <= 0 where the mask is set",
+                                 (selected[..., None] & ~(torch.isfinite(logprobs) & (logprobs <= 0))).any()))
     if options.old_entropy is not None:
         entropy = options.old_entropy
         checks.append(ValueCheck("old_entropy", "must be finite and >= 0 where the mask is set",

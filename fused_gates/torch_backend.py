@@ -81,6 +81,10 @@ class TorchChunks:
             return matrix
         return self.dz_copy[: matrix.shape[0]].copy_(matrix)
 
+    def chunk_logits(self, hidden: Tensor) -> Tensor:
+        """The chunk's logits ``z`` [n, local vocab] in the buffer (valid until the next chunk)."""
+        return self._logits(hidden)
+
     def _logits(self, hidden: Tensor) -> Tensor:
         operand = hidden * self.input_scale if self.input_scale != 1.0 else hidden
         logits = mm_into(self.logits[: hidden.shape[0]], self.operands.cast(operand), self.operands.weight.t())
