@@ -58,6 +58,8 @@ def option_cases(inputs) -> dict[str, dict]:
     sampling_ratio = torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
     entropy_mask = (torch.rand(shape, generator=g) > 0.4).double()
     sampling = inputs.old + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    noisy = inputs.hidden @ inputs.weight.T + inputs.bias
+    top = torch.log_softmax(noisy + torch.randn(noisy.shape, generator=g, dtype=torch.float64), -1).topk(3, dim=-1)
     return {
         "clip-delta-kl-bias-correction": dict(gate="clip", delta=1.1, beta=0.05, use_bias_correction_kl=True),
         "sigmoid-entropy-bonus": dict(gate="sigmoid", entropy_coef=0.05),
@@ -99,6 +101,7 @@ def option_cases(inputs) -> dict[str, dict]:
         # the gates that read more than r and need no batch statistic (m2po and bapo are refused: check_errors)
         "dppo-dapo": dict(gate="dppo", loss_type="dapo", dppo_delta=0.05),
         "dppo_kl-bnpo": dict(gate="dppo_kl", loss_type="bnpo", dppo_delta=0.02),
+        "dppo-topk": dict(gate="dppo", old_topk_ids=top.indices, old_topk_logprobs=top.values, dppo_delta=0.05),
         "sigmoid-estr": dict(gate="sigmoid", estr_threshold=0.05),
         "aspo-entropy-bonus": dict(gate="aspo", entropy_coef=0.02),
         "gmpo-grpo": dict(gate="gmpo", gmpo_epsilon=0.3),
@@ -180,7 +183,7 @@ def run_case(inputs, shards: Shards, cols: slice, options: dict, dtype, backend:
         advantages = torch.cat([advantages, -0.5 * advantages.flip(0)])
 
     def per_token(t, sharded):
-        if t is None or not isinstance(t, torch.Tensor) or t.dim() != 2:
+        if t is None or not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):  # [B, T] or [B, T, K]
             return t
         t = t.to(dtype) if t.is_floating_point() else t
         return t[:, cols] if sharded else t

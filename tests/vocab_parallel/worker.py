@@ -108,6 +108,12 @@ def main() -> None:
     for r in range(world):
         inputs.ids[0, r] = sum(slices[:r]) + slices[r] // 2
         inputs.mask[0, r] = 1
+    # DPPO's Top-K divergence: the behaviour's top-4 from noisy whole-head logits, ids on every rank's slice
+    noisy = inputs.hidden @ inputs.weight.T + inputs.bias + torch.randn(4, 7, vocab, dtype=torch.float64,
+                                                                         generator=torch.Generator().manual_seed(2))
+    top = torch.log_softmax(noisy, -1).topk(4, dim=-1)
+    CASES["dppo_kl-topk-bnpo"] = dict(gate="dppo_kl", loss_type="bnpo", old_topk_ids=top.indices,
+                                      old_topk_logprobs=top.values, dppo_delta=0.02)
     group = dist.group.WORLD
     if "float64" in checks:
         for name, options in CASES.items():
