@@ -6,7 +6,8 @@ over rounds of wall time and of process CPU time (other jobs inflate both, never
 Forward + backward of ``gated_policy_loss`` (``backend="auto"``) at Qwen2.5-0.5B's head (H = 896, V = 151,936), the
 inputs of ``head_impls.make_case`` (B x T tokens, the last 1/8 of each row masked); each gate's loss is checked
 against the float32 reference of ``head_impls`` (materialised log-probs) before its times count. ``<gate>+estr`` is the
-gate with the entropy-scaled trust region (``estr_threshold=0.5``, a given behaviour entropy). The gate sweep of
+gate with the entropy-scaled trust region (``estr_threshold=0.5``, a given behaviour entropy); ``<dppo gate>+topk``
+DPPO's Top-K divergence over a behaviour policy's top 20. The gate sweep of
 ``test_head.py`` measures the same rows with pytest-benchmark; this script is for a CPU that other work shares, where
 one round each is mostly noise.
 """
@@ -19,7 +20,8 @@ import time
 import torch
 from head_impls import make_case, ours, policy_loss, reference_logprobs
 
-DEFAULT_GATES = ("sigmoid", "dppo", "dppo_kl", "m2po", "bapo", "aspo", "gmpo", "clip+estr", "sigmoid+estr")
+DEFAULT_GATES = ("sigmoid", "dppo", "dppo_kl", "dppo+topk", "dppo_kl+topk", "m2po", "bapo", "aspo", "gmpo", "clip+estr",
+                 "sigmoid+estr")
 HEAD = (896, 151_936)  # Qwen2.5-0.5B
 
 

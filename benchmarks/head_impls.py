@@ -56,6 +56,7 @@ class Case:
     mask: Tensor  # [B, T], the last 1/8 of each row is padding
     old: Tensor  # [B, T] float32
     _valid_rows: Tensor | None = field(default=None, repr=False)
+    _topk: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def tokens(self) -> int:
@@ -123,6 +124,33 @@ def gate_value(gate: str, ratio: Tensor, advantages: Tensor) -> Tensor:
     raise ValueError(f"unknown gate {gate!r}")
 
 
+TOPK_SUFFIX = "+topk"
+"""``dppo+topk`` / ``dppo_kl+topk``: DPPO's Top-K divergence over the behaviour's top :data:`TOPK`
+(:func:`behaviour_topk`)."""
+TOPK = 20
+
+
+@torch.no_grad()
+def behaviour_topk(case: Case, k: int = TOPK) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ids, behaviour log-probs, current log-probs)`` [B, T, k] of a behaviour policy whose logits are the current
+    ones plus noise (its top-k), computed once per case in row blocks (float32)."""
+    if k not in case._topk:
+        b, t, h = case.hidden.shape
+        x, w = case.hidden.detach().reshape(b * t, h).float(), case.weight.detach().float()
+        generator = torch.Generator(device=x.device).manual_seed(5)
+        ids, old, current = (torch.empty(b * t, k, device=x.device, dtype=dtype)
+                             for dtype in (torch.long, torch.float32, torch.float32))
+        rows = max(1, 2**28 // (4 * w.shape[0]))
+        for start in range(0, b * t, rows):
+            z = torch.log_softmax(x[start : start + rows] @ w.T, -1)
+            noisy = torch.log_softmax(z + 0.5 * torch.randn(z.shape, generator=generator, device=z.device), -1)
+            top = noisy.topk(k, dim=-1)
+            ids[start : start + rows], old[start : start + rows] = top.indices, top.values
+            current[start : start + rows] = z.gather(1, top.indices)
+        case._topk[k] = (ids.view(b, t, k), old.view(b, t, k), current.view(b, t, k))
+    return case._topk[k]
+
+
 ESTR_SUFFIX = "+estr"
 """``<gate>+estr``: the gate with the entropy-scaled trust region (``estr_threshold``), the behaviour policy's
 entropy given (:func:`behaviour_entropy`)."""
@@ -144,9 +172,13 @@ def policy_loss(logps: Tensor, case: Case, gate: str = "sigmoid") -> Tensor:
         keep = ((logps.float() - case.old).square() <= ESTR_THRESHOLD * (behaviour_entropy(case) + 0.01)).float()
     else:
         keep = torch.ones_like(case.old)
+    opts = dict(TRUST_REGION_DEFAULTS)
+    if gate.endswith(TOPK_SUFFIX):
+        gate = gate.removesuffix(TOPK_SUFFIX)
+        _, old_topk, current_topk = behaviour_topk(case)
+        opts["topk"] = (old_topk.double(), current_topk.double())
     if gate in INPUT_GATES:
         m = case.mask.double()
-        opts = dict(TRUST_REGION_DEFAULTS)
         if gate == "dppo_kl":
             opts["dppo_delta"] = opts["dppo_kl_delta"]
         per_token, _, _ = trust_region_terms(gate, logps.double(), case.old.double(),
@@ -188,6 +220,10 @@ def _ours(case: Case, gate: str, backend: str, memory_budget_mb: float | None = 
     if gate.endswith(ESTR_SUFFIX):
         gate = gate.removesuffix(ESTR_SUFFIX)
         estr = dict(estr_threshold=ESTR_THRESHOLD, old_entropy=behaviour_entropy(case))
+    if gate.endswith(TOPK_SUFFIX):
+        gate = gate.removesuffix(TOPK_SUFFIX)
+        ids, old_topk, _ = behaviour_topk(case)
+        estr = dict(old_topk_ids=ids, old_topk_logprobs=old_topk)
     out = gated_policy_loss(case.hidden, case.weight, case.ids, case.advantages, case.mask, case.old, gate=gate,
                             tau_pos=TAU_POS, tau_neg=TAU_NEG, epsilon_low=EPSILON, epsilon_high=EPSILON,
                             backend=backend, memory_budget_mb=memory_budget_mb, **estr)
