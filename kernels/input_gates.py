@@ -29,23 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gates import BUILTIN_KERNEL_IDS, CUSTOM_INPUT_KERNEL_ID, Gate, GateInputs
+from ..gates import BUILTIN_KERNEL_IDS, CUSTOM_INPUT_KERNEL_ID, INPUT_GATES, Gate, GateInputs
 
 DPPO = tl.constexpr(BUILTIN_KERNEL_IDS["dppo"])
 DPPO_KL = tl.constexpr(BUILTIN_KERNEL_IDS["dppo_kl"])
 ASPO = tl.constexpr(BUILTIN_KERNEL_IDS["aspo"])
 CUSTOM_INPUT = tl.constexpr(CUSTOM_INPUT_KERNEL_ID)
-FUSED_INPUT_GATES = ("dppo", "dppo_kl", "aspo")
-"""The gates of ``fused_gates.gate_inputs`` with a kernel form."""
+FUSED_INPUT_GATES = tuple(name for name in INPUT_GATES if name in BUILTIN_KERNEL_IDS)
+"""The gates of ``fused_gates.gate_inputs`` with a kernel form (dppo, dppo_kl, aspo)."""
 
 _LN_HALF = tl.constexpr(-0.6931471805599453)
 _EXPM1_POLYNOMIAL_BELOW = tl.constexpr(0.35)  # |x|: degree 8 leaves 6e-10 relative; above, exp(x) - 1 loses < 4e-7
 _LOG1P_SERIES_BELOW = tl.constexpr(0.25)  # |y|: atanh series to s^9 leaves 4e-10 relative; above, log(1 + y) is fine
-
-
-def is_input_gate(gate_id) -> bool:
-    """Whether a kernel gate id is one of this module's (host side)."""
-    return gate_id in (DPPO.value, DPPO_KL.value, ASPO.value, CUSTOM_INPUT.value)
 
 
 @triton.jit

@@ -23,7 +23,8 @@ from test_gate_inputs import entropy_scaled_sigmoid, entropy_scaled_sigmoid_deri
 
 from fused_gates import register_input_gate, unregister_gate
 from fused_gates.gate_inputs import binary_kl as torch_binary_kl
-from fused_gates.kernels.input_gates import binary_kl
+from fused_gates.gates import INPUT_GATES
+from fused_gates.kernels.input_gates import FUSED_INPUT_GATES, binary_kl
 from fused_gates.kernels.triton_backend import TritonChunks
 
 FLOAT32 = TOLERANCES[torch.float32]
@@ -111,7 +112,7 @@ def test_fused_input_gate_matches_reference_and_runs_in_the_row_kernel(name, mon
         assert (weights != 0).any(), "every token is masked"
 
 
-@pytest.mark.parametrize("gate", ["dppo", "dppo_kl", "aspo"])
+@pytest.mark.parametrize("gate", FUSED_INPUT_GATES)
 def test_fused_and_unfused_triton_paths_agree(gate, monkeypatch):
     inputs = gate_inputs(gate, _seed(gate, "paths"), batch=4, length=9, vocab=59)
     options = dict(BASE, gate=gate, beta=0.04, entropy_coef=0.01, memory_budget_mb=CHUNKS)
@@ -125,10 +126,11 @@ def test_fused_and_unfused_triton_paths_agree(gate, monkeypatch):
     assert_within(output_errors(fused, unfused), FLOAT32, against="the unfused Triton path")
 
 
-STAY_UNFUSED = {"m2po": dict(gate="m2po"), "bapo": dict(gate="bapo"), "gmpo": dict(gate="gmpo")}
+def test_the_token_local_gates_have_a_kernel_form():
+    assert FUSED_INPUT_GATES == ("dppo", "dppo_kl", "aspo")
 
 
-@pytest.mark.parametrize("gate", STAY_UNFUSED)
+@pytest.mark.parametrize("gate", [g for g in INPUT_GATES if g not in FUSED_INPUT_GATES])
 def test_gates_that_need_the_batch_or_the_row_stay_unfused(gate, monkeypatch):
     inputs = gate_inputs(gate, _seed(gate, "unfused"), batch=3, length=7, vocab=41)
     calls = count_paths(monkeypatch)
@@ -263,7 +265,7 @@ def test_binary_kl_in_float32_is_accurate_and_never_nan():
     assert torch.all(error <= 2e-6 * (truth[finite].abs() + 2 * token) + 1e-30), f"largest error {error.max():.3g}"
 
 
-@pytest.mark.parametrize("gate", ["dppo", "dppo_kl", "aspo"])
+@pytest.mark.parametrize("gate", FUSED_INPUT_GATES)
 def test_extreme_log_ratios_and_near_certain_tokens_stay_finite_and_match_reference(gate, monkeypatch):
     inputs = gate_inputs(gate, _seed(gate, "extreme"), batch=4, length=9, vocab=47)
     inputs = replace(inputs, weight=inputs.weight * 40)  # logits of ~100: the greedy tokens' p within 1e-6 of 1
