@@ -66,17 +66,22 @@ mask's weights (fractional masks weight tokens), per token:
 A user's gate of (r, tau) and the token's other inputs (the entropy, ``logp``, ``old_logp``, ``A``), registered with
 :func:`fused_gates.register_input_gate`, is evaluated here too: ``P = -f A``, ``dP/dr = -f' A``, ``gate_grad = f'``,
 its other inputs held constant (no gradient through the entropy). It is checked against the paper's properties as
-a function of r at fixed other inputs when registered.
+a function of r at fixed other inputs when registered (and its Triton pair, if it has one, against the torch pair
+at first use on the Triton backend).
 
 Which inputs a gate reads: dppo and dppo_kl ``logp, old_logp, A``; m2po ``logp, old_logp, A, m`` and the batch;
 bapo the same; aspo ``logp, old_logp, A``; gmpo ``logp, old_logp, A, m`` and the row. The importance-sampling level
 is each gate's own (``importance_sampling_level="token"`` only). Batch statistics are the batch's whatever the memory
 budget: when the batch fits one chunk the loss, gradient coefficients and gradients come from the same pass (three
 products); otherwise the forward takes the statistics pass and the backward recomputes the logits (four products),
-as for a row longer than a chunk (``fused_gates.chunk_driver``). On the Triton backend these gates take the
-unfused path (the statistics kernel, this module in torch, the gradient kernel): no extra product, but no fused
-epilogue either. DPPO's Top-K divergence approximations (``old_topk_ids`` / ``old_topk_logprobs``, the behaviour
-policy's top-K per token) replace the Binary divergence of ``dppo`` / ``dppo_kl``: ``fused_gates.topk_divergence``.
+as for a row longer than a chunk (``fused_gates.chunk_driver``). On the Triton backend the token-local gates
+dppo, dppo_kl and aspo, and registered gates with a Triton pair, run in the token-level row kernel's epilogue
+(``fused_gates.kernels.input_gates``: the same formulas in float32, Binary-KL without cancellation); m2po and bapo
+(a batch statistic) and gmpo (whole rows), registered gates without a Triton pair, DPPO's Top-K divergences, the
+entropy-scaled trust region, and every gate on a vocabulary-parallel head take the unfused path (the statistics
+kernel, this module in torch, the gradient kernel): no extra product, but no fused epilogue either. DPPO's Top-K
+divergence approximations (``old_topk_ids`` / ``old_topk_logprobs``, the behaviour policy's top-K per token) replace
+the Binary divergence of ``dppo`` / ``dppo_kl``: ``fused_gates.topk_divergence``.
 """
 
 from __future__ import annotations

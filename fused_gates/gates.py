@@ -43,10 +43,14 @@ from torch import Tensor
 
 from .admissibility import GateFunction, check_admissible
 
-BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4, "cispo": 6}
+BUILTIN_KERNEL_IDS = {"clip": 0, "sigmoid": 1, "erf": 2, "arctan": 3, "softsign": 4, "cispo": 6, "dppo": 7,
+                      "dppo_kl": 8, "aspo": 9}
 CUSTOM_KERNEL_ID = 5
+CUSTOM_INPUT_KERNEL_ID = 10
 """Gate ids shared with the Triton kernels, which select the device function by this constexpr (vespo's weight is a
-row statistic evaluated in torch: it has no kernel branch)."""
+row statistic evaluated in torch: it has no kernel branch; nor have m2po and bapo, which need a batch statistic, and
+gmpo, which needs whole rows). ``CUSTOM_INPUT_KERNEL_ID``: a gate of :func:`register_input_gate` with its Triton
+pair."""
 
 SOFT_GATES = ("sigmoid", "erf", "arctan", "softsign")
 """The paper's soft gates (SAPO's sigmoid and eqs. 6-8): each takes a temperature tau."""
@@ -87,7 +91,8 @@ class Gate:
 
     ``triton_value`` / ``triton_derivative`` are optional ``@triton.jit`` functions of ``(ratio, tau)`` with the
     same maths, which the Triton backend calls inside its kernels; without them a custom gate still runs on the
-    ``torch`` backend.
+    ``torch`` backend. (For a gate of :func:`register_input_gate` they take ``(ratio, tau, advantage, logprob,
+    old_logprob, entropy)``; without them it runs on the Triton backend's unfused path.)
     """
 
     name: str
@@ -217,7 +222,7 @@ _POLICY_OBJECTIVES: dict[str, Gate] = {
     "vespo": Gate("vespo", _unavailable, _unavailable, kind="vespo", kernel_id=None),
 }
 _INPUT_GATES: dict[str, Gate] = {
-    name: Gate(name, _unavailable, _unavailable, kind="inputs", kernel_id=None,
+    name: Gate(name, _unavailable, _unavailable, kind="inputs", kernel_id=BUILTIN_KERNEL_IDS.get(name),
                batch_statistic=name in ("m2po", "bapo"), whole_rows=name == "gmpo")
     for name in INPUT_GATES
 }
@@ -302,17 +307,24 @@ def register_input_gate(
     check_entropies: Sequence[float] = DEFAULT_CHECK_ENTROPIES,
     check_logprobs: Sequence[float] = DEFAULT_CHECK_LOGPROBS,
     overwrite: bool = False,
+    triton_value: object | None = None,
+    triton_derivative: object | None = None,
 ) -> Gate:
     """Register a gate that reads more than the ratio: ``value(inputs) = f`` and ``derivative(inputs) = df/dr``
     elementwise over a :class:`GateInputs`; the policy term is ``-f A`` as for the paper's gates, and the entropy,
     advantage and log-probs enter as constants (no gradient flows through them). As a function of r with the other
     inputs fixed, the pair must satisfy the paper's properties (i)-(iv): it is checked for every tau in
     ``check_taus``, entropy in ``check_entropies``, current log-prob in ``check_logprobs`` (the old log-prob follows
-    from the ratio) and advantage sign. It runs on the torch backend and on the Triton backend's unfused path (the
-    statistics kernel, the gate in torch, the gradient kernel), at ``importance_sampling_level="token"``. Selectable
-    as ``gate=name`` (or the returned :class:`Gate`); not listed by :func:`available_gates`."""
+    from the ratio) and advantage sign. It runs on the torch backend and, at ``importance_sampling_level="token"``,
+    on the Triton backend: fused into the token-level row kernel when ``triton_value`` / ``triton_derivative`` are
+    given (``@triton.jit`` functions of ``(ratio, tau, advantage, logprob, old_logprob, entropy)``, float32 scalars
+    of one token, with the maths of the torch pair; checked against it on a grid at first use), otherwise on the
+    unfused path (the statistics kernel, the gate in torch, the gradient kernel). Selectable as ``gate=name`` (or
+    the returned :class:`Gate`); not listed by :func:`available_gates`."""
     _check_new_name(name, overwrite)
     _check_pair(value, derivative, "(GateInputs)")
+    if (triton_value is None) != (triton_derivative is None):
+        raise TypeError("triton_value and triton_derivative must be given together")
     for what, values in (("check_taus", check_taus), ("check_entropies", check_entropies)):
         if not values or any(not (v > 0) for v in values):
             raise ValueError(f"{what} must be a non-empty sequence of positive numbers, got {values!r}")
@@ -330,7 +342,8 @@ def register_input_gate(
 
                 label = f"{name} (entropy={entropy:g}, logp={logprob:g}, A={sign:+g})"
                 check_admissible(label, at(value), at(derivative), check_taus)
-    gate = Gate(name, value, derivative, kind="inputs", kernel_id=None)
+    kernel_id = None if triton_value is None else CUSTOM_INPUT_KERNEL_ID
+    gate = Gate(name, value, derivative, triton_value, triton_derivative, kind="inputs", kernel_id=kernel_id)
     _REGISTRY.pop(name, None)
     _REGISTERED_INPUT_GATES[name] = gate
     return gate

@@ -13,7 +13,8 @@ bias and a soft cap, and the path,
 
 * ``fused token-level row kernel`` (token-level objective, whole head): the gate and whether there is a KL term, its
   bias correction and an entropy term;
-* ``split statistics / gradient kernels`` (sequence-level ratios, vespo, the off-policy mask, or a vocabulary slice):
+* ``split statistics / gradient kernels`` (sequence-level ratios, vespo, the off-policy mask, a gate without a kernel
+  form such as m2po / bapo / gmpo, or a vocabulary slice):
   the same, plus the importance-sampling level and the off-policy mask;
 * ``no-grad pass`` (:func:`~fused_gates.token_logprobs`): the statistics method (``auto`` checks both the ``tl.dot``
   tiles and the cuBLAS chunks, since the token count picks between them).
@@ -126,7 +127,7 @@ def describe_family(head: Head, config: ObjectiveConfig | None) -> str:
 
 
 def _split_path(head: Head, config: ObjectiveConfig) -> bool:
-    return config.needs_whole_rows or head.shard is not None
+    return config.needs_whole_rows or head.shard is not None or not config.in_kernel_epilogue
 
 
 def _skipped() -> bool:

@@ -12,7 +12,10 @@ Same maths and the same overflow-safe forms as :mod:`fused_gates.gates` (``u = r
     cispo     f = min(r, eps_high) (TRL's detached weight of -A logp)   f' = f / r (relative to plain IS)
 
 Temperatures and epsilons are runtime arguments (a new value must not recompile the kernels); only the gate id
-and a custom gate's pair of ``@triton.jit`` functions ``(ratio, tau) -> tensor`` are compile-time constants.
+and a custom gate's pair of ``@triton.jit`` functions ``(ratio, tau) -> tensor`` are compile-time constants. The gates
+that read more than r and have a kernel form (dppo, dppo_kl, aspo, and gates registered with
+``register_input_gate`` and a Triton pair of ``(ratio, tau, advantage, logprob, old_logprob, entropy)``) are in
+:mod:`fused_gates.kernels.input_gates`, called by the token-level row kernel's epilogue instead of this function.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gates import BUILTIN_KERNEL_IDS, CUSTOM_KERNEL_ID, Gate, GateParameters
+from ..gates import BUILTIN_KERNEL_IDS, CUSTOM_INPUT_KERNEL_ID, CUSTOM_KERNEL_ID, Gate, GateParameters
+from .input_gates import validate_input_gate
 
 CLIP = tl.constexpr(BUILTIN_KERNEL_IDS["clip"])
 SIGMOID = tl.constexpr(BUILTIN_KERNEL_IDS["sigmoid"])
@@ -159,6 +163,9 @@ def _gate_grid_kernel(
 
 def kernel_gate(gate: Gate) -> tuple[int, object | None, object | None]:
     """``(GATE id, custom value fn, custom derivative fn)`` to pass to a kernel; validates a custom pair once."""
+    if gate.kernel_id == CUSTOM_INPUT_KERNEL_ID:  # a registered input gate's pair (fused_gates.kernels.input_gates)
+        validate_input_gate(gate)
+        return CUSTOM_INPUT_KERNEL_ID, gate.triton_value, gate.triton_derivative
     if gate.kernel_id != CUSTOM_KERNEL_ID:
         return gate.kernel_id, None, None
     if gate.triton_value is None or gate.triton_derivative is None:

@@ -14,12 +14,15 @@ precision operand of the backward products). The epilogue is :func:`token_object
 
     r = exp(clamp(logp - old, +-80))       f(r), f'(r) from the gate (tau = tau_pos if A > 0 else tau_neg)
     P = -f(r) A  (cispo: -min(r, eps_high) A logp, weight detached)
+                 (dppo, dppo_kl, aspo, a registered input gate's Triton pair: P, dP/dr, dP/dlogp from
+                 :func:`fused_gates.kernels.input_gates.input_gate_terms`, reading logp, old, A and H too)
     l = q P + beta kl [* r]                kl = exp(d) - d - 1, d = clamp(ref - logp, +-80), q the policy weight
     loss_t = w l + e H,                    g = w (dl/dr r + dl/dlogp)
 
 Optional inputs are ``None`` pointers; the flags that select the code (``HAS_BIAS``, ``HAS_OLD``, ``HAS_KL``,
 ``HAS_ENTROPY``, ``HAS_POLICY_WEIGHT``, ``HAS_SOFTCAP``) are derived from them by ``triton.heuristics``. Runtime floats
-(temperatures, epsilons, delta, beta, the soft-cap) are runtime arguments: a new value never recompiles.
+(temperatures, epsilons, delta, beta, the soft-cap, DPPO's bounds and truncation, ASPO's dual clip) are runtime
+arguments: a new value never recompiles.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import triton.language as tl
 
 from ..admissibility import MAX_LOG_RATIO
 from .gates import CISPO, gate_value_and_derivative
+from .input_gates import ASPO, CUSTOM_INPUT, DPPO, DPPO_KL, input_gate_terms
 from .logits import softcap_slope, to_logits
 from .online_softmax import block_statistics, finish_statistics, merge_statistics
 
@@ -131,6 +135,10 @@ def token_objective(
     epsilon_high,
     delta,
     beta,
+    input_delta_low,
+    input_delta_high,
+    input_dual_clip,
+    input_ratio_cap,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
     CUSTOM_DERIVATIVE: tl.constexpr,
@@ -139,23 +147,48 @@ def token_objective(
     BIAS_CORRECTION: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
 ):
-    """The token-level objective of one token: ``(w l + e H, g, r, f(r), f'(r), kl)``."""
+    """The token-level objective of one token: ``(w l + e H, g, r, f(r), f'(r), kl)`` (for a gate that reads more
+    than r, ``gate_value`` and ``gate_grad`` for the last two: :mod:`fused_gates.kernels.input_gates`)."""
     if HAS_OLD:
         log_ratio = tl.minimum(tl.maximum(logprob - old_logprob, -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
     else:
         log_ratio = logprob * 0.0  # on-policy: r = 1 with gradient dr/dlogp = r
     ratio = tl.exp(log_ratio)
-    value, derivative = gate_value_and_derivative(
-        ratio, advantage, tau_pos, tau_neg, epsilon_low, epsilon_high, delta, GATE, CUSTOM_VALUE, CUSTOM_DERIVATIVE
-    )
-    if GATE == CISPO:  # the weight min(r, eps_high) of -A logp is detached: no gradient through r
-        token_loss = -value * advantage * logprob * policy_weight
-        grad_ratio = logprob * 0.0
-        grad_local = -value * advantage * policy_weight
+    if (GATE == DPPO) | (GATE == DPPO_KL) | (GATE == ASPO) | (GATE == CUSTOM_INPUT):  # gates that read more than r
+        policy, by_ratio, by_logprob, value, derivative = input_gate_terms(
+            ratio,
+            advantage,
+            logprob,
+            old_logprob if HAS_OLD else logprob,
+            entropy,
+            tau_pos,
+            tau_neg,
+            epsilon_low,
+            epsilon_high,
+            input_delta_low,
+            input_delta_high,
+            input_dual_clip,
+            input_ratio_cap,
+            GATE,
+            CUSTOM_VALUE,
+            CUSTOM_DERIVATIVE,
+        )
+        token_loss = policy * policy_weight
+        grad_ratio = by_ratio * policy_weight
+        grad_local = by_logprob * policy_weight
     else:
-        token_loss = -value * advantage * policy_weight
-        grad_ratio = -advantage * derivative * policy_weight
-        grad_local = logprob * 0.0
+        value, derivative = gate_value_and_derivative(
+            ratio, advantage, tau_pos, tau_neg, epsilon_low, epsilon_high, delta, GATE, CUSTOM_VALUE,
+            CUSTOM_DERIVATIVE
+        )
+        if GATE == CISPO:  # the weight min(r, eps_high) of -A logp is detached: no gradient through r
+            token_loss = -value * advantage * logprob * policy_weight
+            grad_ratio = logprob * 0.0
+            grad_local = -value * advantage * policy_weight
+        else:
+            token_loss = -value * advantage * policy_weight
+            grad_ratio = -advantage * derivative * policy_weight
+            grad_local = logprob * 0.0
     kl = logprob * 0.0
     if HAS_KL:
         delta = tl.minimum(tl.maximum(ref_logprob - logprob, -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
@@ -217,6 +250,10 @@ def fused_token_rows_kernel(
     epsilon_high,
     delta,
     beta,
+    input_delta_low,
+    input_delta_high,
+    input_dual_clip,
+    input_ratio_cap,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
     CUSTOM_DERIVATIVE: tl.constexpr,
@@ -257,6 +294,10 @@ def fused_token_rows_kernel(
         epsilon_high,
         delta,
         beta,
+        input_delta_low,
+        input_delta_high,
+        input_dual_clip,
+        input_ratio_cap,
         GATE,
         CUSTOM_VALUE,
         CUSTOM_DERIVATIVE,

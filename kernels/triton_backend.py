@@ -27,6 +27,7 @@ from torch import Tensor
 from ..chunk_driver import Backend
 from ..contract import ChunkGradient, ChunkStatistics, ChunkTargets, FusedChunk, GradientNeeds, SavedStatistics
 from ..environment import triton_interpreted
+from ..gate_inputs import DPPO_RATIO_CAP
 from ..head import Head
 from ..objective import ObjectiveConfig, TokenData, TokenTerms
 from ..products import ProductOperands, mm_into
@@ -190,6 +191,7 @@ class TritonChunks:
                  "token_loss")
         out = {name: torch.empty(n, device=hidden.device, dtype=torch.float32) for name in names}
         params = config.params
+        inputs = config.input_params  # a gate that reads more than r: its bounds (fused_gates.gate_inputs)
         grid, launch = _row_launch(n)
         fused_token_rows_kernel[grid](
             logits, dz, head.bias, targets.contiguous(), _flat(tokens.advantages), _flat(tokens.old_logprobs),
@@ -198,6 +200,9 @@ class TritonChunks:
             *(out[name] for name in names), head.local_vocab, logits.stride(0), dz.stride(0),
             head.inv_temperature, head.softcap, params.tau_pos, params.tau_neg, params.epsilon_low,
             params.epsilon_high, params.delta, config.beta,
+            input_delta_low=0.0 if inputs is None else inputs.dppo_delta_low,
+            input_delta_high=0.0 if inputs is None else inputs.dppo_delta_high,
+            input_dual_clip=0.0 if inputs is None else inputs.aspo_dual_clip, input_ratio_cap=DPPO_RATIO_CAP,
             GATE=gate_id, CUSTOM_VALUE=value_fn, CUSTOM_DERIVATIVE=derivative_fn,
             BIAS_CORRECTION=config.use_bias_correction_kl, **launch,
         )

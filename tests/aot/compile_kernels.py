@@ -45,6 +45,7 @@ from launch_capture import DEVICES, Variant, emulated_gpu
 
 import fused_gates
 from fused_gates import available_gates, gated_policy_loss, token_logprobs
+from fused_gates.kernels.input_gates import FUSED_INPUT_GATES
 
 HEADS = {"7b": (3584, 152_064), "1.5b": (1536, 151_936), "0.5b": (896, 151_936)}  # Qwen2.5 lm_heads: (H, V)
 BENCHMARK_BUDGETS_MB = (256, 512, 1024, 2048, 4096)  # the benchmark's budget curve, beside the default (None)
@@ -136,6 +137,12 @@ def scenarios(scope: str) -> list[Scenario]:
                           lambda: _train(_inputs("1.5b", 8, 512, bf16), old=False, **sapo)))
     found.append(Scenario("trainer-step-1.5b-clip", True,
                           lambda: _train(_inputs("1.5b", 8, 512, bf16), gate="clip")))
+    # the gates that read more than r with a kernel form (the trainer's gate= options): their epilogues, with the KL
+    # and the entropy term
+    for gate in FUSED_INPUT_GATES:
+        found.append(Scenario(f"input-gate-{gate}-0.5b-kl-entropy", True,
+                              lambda g=gate: _train(_inputs("0.5b", 8, 512, bf16), gate=g, backend="triton",
+                                                    beta=0.04, entropy_coef=0.01)))
     if scope == "default":
         return found
 

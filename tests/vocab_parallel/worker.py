@@ -41,7 +41,7 @@ CASES = {
 }
 # float32 and the Triton interpreter: a subset
 SUBSET = ("sigmoid-grpo-token", "erf-bnpo-sequence-kl", "arctan-dapo-entropy", "erf-softcap-entropy",
-          "m2po-bnpo-entropy", "gmpo-luspo")
+          "m2po-bnpo-entropy", "gmpo-luspo", "dppo_kl-dapo", "aspo-grpo-kl")
 BUDGETS = (0.004, 64.0)  # several chunks (two reductions each), and one
 FLOAT64, FLOAT32 = TOLERANCES[torch.float64], TOLERANCES[torch.float32]
 
