@@ -78,9 +78,9 @@ class ObjectiveConfig:
     @property
     def in_kernel_epilogue(self) -> bool:
         """Whether a backend's token-level kernel can evaluate this objective in its epilogue (a gate with a kernel
-        form, no mask or divergence that needs inputs the kernel does not read)."""
+        form, no divergence that needs inputs the kernel does not read: DPPO's Top-K)."""
         topk = self.input_params is not None and self.input_params.dppo_topk
-        return self.gate.kernel_id is not None and self.estr_threshold is None and not topk
+        return self.gate.kernel_id is not None and not topk
 
     @property
     def needs_whole_batch(self) -> bool:

@@ -12,7 +12,7 @@ A *family* (:func:`family_key`) is what selects the kernels: the device, the hea
 bias and a soft cap, and the path,
 
 * ``fused token-level row kernel`` (token-level objective, whole head): the gate and whether there is a KL term, its
-  bias correction and an entropy term;
+  bias correction, an entropy term and the entropy-scaled trust region;
 * ``split statistics / gradient kernels`` (sequence-level ratios, vespo, the off-policy mask, a gate without a kernel
   form such as m2po / bapo / gmpo, or a vocabulary slice):
   the same, plus the importance-sampling level and the off-policy mask;
@@ -99,7 +99,7 @@ def family_key(head: Head, config: ObjectiveConfig | None) -> tuple:
         return (*common, "no-grad", head.statistics_method)
     gate = config.gate
     objective = (gate.name, gate.kind, gate.kernel_id, config.beta != 0, config.use_bias_correction_kl,
-                 config.has_entropy_bonus)
+                 config.has_entropy_bonus, config.estr_threshold is not None)
     if _split_path(head, config):
         return (*common, "split", *objective, config.sequence_level, config.off_policy_mask_threshold is not None)
     return (*common, "fused", *objective)
@@ -121,6 +121,8 @@ def describe_family(head: Head, config: ObjectiveConfig | None) -> str:
             features.append("KL" + (" with bias correction" if config.use_bias_correction_kl else ""))
         if config.has_entropy_bonus:
             features.append("entropy term")
+        if config.estr_threshold is not None:
+            features.append("entropy-scaled trust region")
         if config.off_policy_mask_threshold is not None:
             features.append("off-policy mask")
     return f"{path}: {', '.join(features)} on {weight.device}"
@@ -263,6 +265,8 @@ def _loss_options(head: Head, config: ObjectiveConfig) -> dict:
     )
     if gate.is_clip and math.isfinite(params.delta):
         options["delta"] = params.delta
+    if config.estr_threshold is not None:
+        options.update(estr_threshold=config.estr_threshold, estr_epsilon=config.estr_epsilon)
     if gate.is_vespo:
         options["vespo_k"] = (params.vespo_k_pos, params.vespo_k_neg)
         options["vespo_lambda"] = (params.vespo_lambda_pos, params.vespo_lambda_neg)

@@ -139,6 +139,9 @@ def token_objective(
     input_delta_high,
     input_dual_clip,
     input_ratio_cap,
+    trust_entropy,
+    estr_threshold,
+    estr_epsilon,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
     CUSTOM_DERIVATIVE: tl.constexpr,
@@ -146,6 +149,7 @@ def token_objective(
     HAS_KL: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_ESTR: tl.constexpr,
 ):
     """The token-level objective of one token: ``(w l + e H, g, r, f(r), f'(r), kl)`` (for a gate that reads more
     than r, ``gate_value`` and ``gate_grad`` for the last two: :mod:`fused_gates.kernels.input_gates`)."""
@@ -189,6 +193,14 @@ def token_objective(
             token_loss = -value * advantage * policy_weight
             grad_ratio = -advantage * derivative * policy_weight
             grad_local = logprob * 0.0
+    if HAS_ESTR:  # the entropy-scaled trust region (fused_gates.entropy_trust): (logp - old)^2 <= tau (H + eps)
+        token_log_ratio = logprob - old_logprob if HAS_OLD else logprob * 0.0
+        keep = (token_log_ratio * token_log_ratio <= estr_threshold * (trust_entropy + estr_epsilon)).to(tl.float32)
+        token_loss *= keep
+        grad_ratio *= keep
+        grad_local *= keep
+        value *= keep
+        derivative = tl.where(advantage == 0, derivative, derivative * keep)
     kl = logprob * 0.0
     if HAS_KL:
         delta = tl.minimum(tl.maximum(ref_logprob - logprob, -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
@@ -215,6 +227,7 @@ def token_objective(
         "HAS_KL": _given("p_ref_logprobs"),
         "HAS_ENTROPY": _given("p_entropy_weight"),
         "HAS_POLICY_WEIGHT": _given("p_policy_weight"),
+        "HAS_OLD_ENTROPY": _given("p_old_entropy"),
         "HAS_SOFTCAP": _given("softcap"),
     }
 )
@@ -230,6 +243,7 @@ def fused_token_rows_kernel(
     p_loss_weight,
     p_entropy_weight,
     p_policy_weight,
+    p_old_entropy,
     p_logprobs,
     p_entropy,
     p_log_sum_exp,
@@ -254,15 +268,19 @@ def fused_token_rows_kernel(
     input_delta_high,
     input_dual_clip,
     input_ratio_cap,
+    estr_threshold,
+    estr_epsilon,
     GATE: tl.constexpr,
     CUSTOM_VALUE: tl.constexpr,
     CUSTOM_DERIVATIVE: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr,
+    HAS_ESTR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_POLICY_WEIGHT: tl.constexpr,
+    HAS_OLD_ENTROPY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -279,6 +297,7 @@ def fused_token_rows_kernel(
     ref_logprob = tl.load(p_ref_logprobs + i) if HAS_KL else 0.0
     entropy_weight = tl.load(p_entropy_weight + i) if HAS_ENTROPY else 0.0
     policy_weight = tl.load(p_policy_weight + i) if HAS_POLICY_WEIGHT else 1.0
+    trust_entropy = tl.load(p_old_entropy + i) if HAS_OLD_ENTROPY else entropy  # ESTR's H: the behaviour's, or ours
     token_loss, grad_logprob, ratio, value, derivative, kl = token_objective(
         logprob,
         entropy,
@@ -298,6 +317,9 @@ def fused_token_rows_kernel(
         input_delta_high,
         input_dual_clip,
         input_ratio_cap,
+        trust_entropy,
+        estr_threshold,
+        estr_epsilon,
         GATE,
         CUSTOM_VALUE,
         CUSTOM_DERIVATIVE,
@@ -305,6 +327,7 @@ def fused_token_rows_kernel(
         HAS_KL,
         BIAS_CORRECTION,
         HAS_ENTROPY,
+        HAS_ESTR,
     )
     tl.store(p_logprobs + i, logprob)
     tl.store(p_entropy + i, entropy)

@@ -187,6 +187,7 @@ class TritonChunks:
         dz = self._grad_buffer(n)
         gate_id, value_fn, derivative_fn = kernel_gate(config.gate)
         has_kl = config.beta != 0.0
+        estr = config.estr_threshold is not None  # the entropy-scaled trust region in the epilogue
         names = ("logprobs", "entropy", "log_sum_exp", "ratio", "gate_value", "gate_grad", "kl", "grad_logprobs",
                  "token_loss")
         out = {name: torch.empty(n, device=hidden.device, dtype=torch.float32) for name in names}
@@ -197,14 +198,16 @@ class TritonChunks:
             logits, dz, head.bias, targets.contiguous(), _flat(tokens.advantages), _flat(tokens.old_logprobs),
             _flat(tokens.ref_logprobs) if has_kl else None, _flat(tokens.loss_weight),
             _flat(tokens.entropy_weight) if config.has_entropy_bonus else None, _flat(tokens.policy_weight),
+            _flat(tokens.old_entropy) if estr else None,
             *(out[name] for name in names), head.local_vocab, logits.stride(0), dz.stride(0),
             head.inv_temperature, head.softcap, params.tau_pos, params.tau_neg, params.epsilon_low,
             params.epsilon_high, params.delta, config.beta,
             input_delta_low=0.0 if inputs is None else inputs.dppo_delta_low,
             input_delta_high=0.0 if inputs is None else inputs.dppo_delta_high,
             input_dual_clip=0.0 if inputs is None else inputs.aspo_dual_clip, input_ratio_cap=DPPO_RATIO_CAP,
+            estr_threshold=config.estr_threshold if estr else 0.0, estr_epsilon=config.estr_epsilon,
             GATE=gate_id, CUSTOM_VALUE=value_fn, CUSTOM_DERIVATIVE=derivative_fn,
-            BIAS_CORRECTION=config.use_bias_correction_kl, **launch,
+            BIAS_CORRECTION=config.use_bias_correction_kl, HAS_ESTR=estr, **launch,
         )
         terms = TokenTerms(
             loss=out["token_loss"].sum(),

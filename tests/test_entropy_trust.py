@@ -136,3 +136,29 @@ def test_bad_options_are_named(name):
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         gated_policy_loss(inputs.hidden, inputs.weight, inputs.ids, inputs.advantages, inputs.mask, inputs.old,
                           inputs.ref, **options)
+
+
+@pytest.mark.parametrize("gate", ["clip", "sigmoid", "cispo"])
+def test_triton_fused_kernel_applies_the_region_in_its_epilogue(gate, monkeypatch):
+    """The token-level row kernel computes the mask itself (the split path never runs) and agrees with the split
+    kernels and the torch objective, with the behaviour entropy given and without it."""
+    from fused_gates.kernels.triton_backend import TritonChunks
+
+    calls = {"fused": 0, "split": 0}
+    fused, split = TritonChunks.fused_token_chunk, TritonChunks.statistics
+
+    def count(name, method):
+        def wrapped(self, *args, **kwargs):
+            calls[name] += 1
+            return method(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(TritonChunks, "fused_token_chunk", count("fused", fused))
+    monkeypatch.setattr(TritonChunks, "statistics", count("split", split))
+    inputs, old_entropy = estr_inputs(19)
+    for given in (old_entropy, None):
+        comparison = assert_matches_reference(inputs, backend="triton", dtype=torch.float32,
+                                              tolerances=TOLERANCES[torch.float32], gate=gate, old_entropy=given,
+                                              memory_budget_mb=0.004, beta=0.04, **OPTIONS)
+        _dropped_and_kept(comparison, inputs)
+    assert calls["fused"] > 0 and calls["split"] == 0, calls
