@@ -143,6 +143,10 @@ def scenarios(scope: str) -> list[Scenario]:
         found.append(Scenario(f"input-gate-{gate}-0.5b-kl-entropy", True,
                               lambda g=gate: _train(_inputs("0.5b", 8, 512, bf16), gate=g, backend="triton",
                                                     beta=0.04, entropy_coef=0.01)))
+    # the entropy-scaled trust region in the same epilogue: the soft gate, the behaviour entropy given
+    found.append(Scenario("estr-sigmoid-0.5b-old-entropy", True,
+                          lambda: _train(_inputs("0.5b", 8, 512, bf16), backend="triton", estr_threshold=0.5,
+                                         old_entropy=torch.rand(8, 512).cuda(), **sapo)))
     if scope == "default":
         return found
 
