@@ -129,7 +129,7 @@ DPPO_GATES = ("dppo", "dppo_kl")
 """DPPO's two divergences: total variation (Binary-TV, or Top-K TV) and KL (Binary-KL, or Top-K KL)."""
 
 GATE_OPTIONS = {
-    "dppo_delta": ("dppo", "dppo_kl"),
+    "dppo_delta": DPPO_GATES,
     "m2po_threshold": ("m2po",),
     "bapo_rho": ("bapo",),
     "bapo_bounds": ("bapo",),
@@ -384,7 +384,7 @@ def input_gate_metrics(gate: Gate, ratio: Tensor, gate_value: Tensor, advantages
     """What a gate decided for the batch: ``dppo/masked_fraction``, ``dppo_kl/masked_fraction`` and
     ``m2po/masked_fraction`` (the mask-weighted share of tokens whose policy term the gate masked), ``bapo/c_low``
     and ``bapo/c_high`` (the bounds chosen)."""
-    if gate.name in ("dppo", "dppo_kl", "m2po"):
+    if gate.name in (*DPPO_GATES, "m2po"):
         masked = (gate_value == 0).to(mask.dtype)
         return {f"{gate.name}/masked_fraction": (masked * mask).sum() / mask.sum().clamp(min=1.0)}
     if gate.name == "bapo":

@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .entropy_trust import ESTR_METRIC
+from .gate_inputs import DPPO_GATES
 from .gates import Gate
 from .metrics import cispo_flags, clip_flags, eur_from_row_sums
 from .objective import ObjectiveConfig, TokenData
@@ -221,7 +222,7 @@ def global_loss_and_metrics(
         flags = {"cispo_clip_ratio": cispo_flags(ratio, tokens.advantages, params.epsilon_high).to(m.dtype)}
     elif config.gate.is_vespo:
         flags = {"vespo/phi_seq_mean": gate_value}
-    elif config.gate.name in ("dppo", "dppo_kl"):  # gate_inputs.input_gate_metrics: the share of tokens masked
+    elif config.gate.name in DPPO_GATES:  # gate_inputs.input_gate_metrics: the share of tokens masked
         flags = {f"{config.gate.name}/masked_fraction": (gate_value == 0).to(m.dtype)}
     if outputs.get("estr_dropped") is not None:  # the entropy-scaled trust region's dropped tokens
         flags[ESTR_METRIC] = outputs["estr_dropped"]

@@ -92,21 +92,13 @@ def test_training_with_each_input_gate_passes_its_options_and_logs_finite_metric
 
 
 def test_adaptive_temperature_refuses_a_gate_that_reads_more_than_r():
-    import torch
+    from test_gate_inputs import entropy_scaled_sigmoid, entropy_scaled_sigmoid_derivative
 
     from fused_gates import register_input_gate, unregister_gate
     from fused_gates.integrations.trl.adaptive_gate import check_can_adapt
 
-    def value(inputs):
-        tau = inputs.tau * (1 + inputs.entropy)
-        return torch.sigmoid(tau * (inputs.ratio - 1)) * 4 / tau
-
-    def derivative(inputs):
-        x = inputs.tau * (1 + inputs.entropy) * (inputs.ratio - 1)
-        return 4 * torch.sigmoid(x) * torch.sigmoid(-x)
-
-    register_input_gate("entropy_sigmoid_trl", value, derivative, check_taus=(1.0,), check_entropies=(1.0,),
-                        check_logprobs=(-1.0,))
+    register_input_gate("entropy_sigmoid_trl", entropy_scaled_sigmoid, entropy_scaled_sigmoid_derivative,
+                        check_taus=(1.0,), check_entropies=(1.0,), check_logprobs=(-1.0,))
     try:
         with pytest.raises(ValueError, match="reads the token's other inputs"):
             check_can_adapt("entropy_sigmoid_trl", has_off_policy_updates=True)
