@@ -41,7 +41,9 @@ def test_installed_wheel_imports_subpackages_and_no_top_level_kernels(wheel, tmp
     probe = (
         "import importlib.util, fused_gates, fused_gates.kernels, fused_gates.integrations;"
         f"assert fused_gates.__file__.startswith({str(target)!r}), fused_gates.__file__;"
-        "assert importlib.util.find_spec('kernels') is None;"
+        # a top-level ``kernels`` may exist (Hugging Face's kernel hub, which transformers depends on), never ours
+        "spec = importlib.util.find_spec('kernels');"
+        f"assert spec is None or not spec.origin.startswith({str(target)!r});"
         "assert importlib.util.find_spec('integrations') is None;"
         "print('ok')"
     )
@@ -51,3 +53,30 @@ def test_installed_wheel_imports_subpackages_and_no_top_level_kernels(wheel, tmp
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From a checkout's root the kernels/ folder is importable as top-level ``kernels``, the name of Hugging Face's
+# kernel hub, which transformers imports: the folder hands the name over (kernels/__init__.py)
+
+
+def _import_kernels_from_the_checkout_root(code: str, *python_flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_flags, "-c", f"import sys; sys.path.insert(0, ''); {code}"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_top_level_kernels_from_the_checkout_root_is_the_installed_kernel_hub():
+    pytest.importorskip("kernels", reason="the kernel hub package kernels (a transformers dependency) is not installed")
+    result = _import_kernels_from_the_checkout_root(
+        "import kernels, fused_gates.kernels.row_kernels; from kernels import CUDAProperties;"
+        "from transformers import TrainerCallback; print(kernels.__file__)")
+    assert result.returncode == 0, result.stderr
+    assert not result.stdout.strip().startswith(str(ROOT / "kernels")), result.stdout
+
+
+def test_top_level_kernels_without_the_kernel_hub_is_a_missing_module_naming_fused_gates_kernels():
+    # -S: no site-packages, so no installed ``kernels``; the checkout's folder must not pose as one
+    result = _import_kernels_from_the_checkout_root("import kernels", "-S")
+    assert result.returncode != 0
+    assert "ModuleNotFoundError: No module named 'kernels'" in result.stderr
+    assert "fused_gates.kernels" in result.stderr
