@@ -30,6 +30,7 @@ def test_wheel_holds_only_the_fused_gates_package(wheel):
     assert "fused_gates/kernels/__init__.py" in names
     assert "fused_gates/integrations/__init__.py" in names
     assert "fused_gates/integrations/accelerate/zero3.yaml" in names  # accelerate configs ship with the wheel
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     # the two rooms of the integrations: the TRL library and the paper's application
     assert {"fused_gates/integrations/trl/trainer.py", "fused_gates/integrations/app/train.py"} <= set(names)
 
